@@ -1,0 +1,35 @@
+"""Public drop-in RLHF ops. Each picks a backend per device (CUDA: Triton; CPU: C++; anywhere:
+pure torch) unless `backend(name)` forces one. Semantics: ../DESIGN "Op semantics"."""
+
+from rlp_engine.ops._backend import backend, current_backend
+from rlp_engine.ops.fused_linear import fused_linear_logprobs, fused_linear_ppo_loss
+from rlp_engine.ops.gae import compute_gae
+from rlp_engine.ops.ib import gaussian_symmetric_kl, jsd_mi_lower_bound, multiview_ib_loss
+from rlp_engine.ops.kl import KL_KINDS, kl_penalty
+from rlp_engine.ops.logprobs import entropy_from_logits, logprobs_from_logits
+from rlp_engine.ops.ppo import ppo_policy_loss, ppo_value_loss
+from rlp_engine.ops.reduce import AGG_MODES, agg_loss, agg_weights, masked_mean, masked_sum, masked_var, masked_whiten
+
+__all__ = [
+    "AGG_MODES",
+    "KL_KINDS",
+    "agg_loss",
+    "agg_weights",
+    "backend",
+    "compute_gae",
+    "current_backend",
+    "entropy_from_logits",
+    "fused_linear_logprobs",
+    "fused_linear_ppo_loss",
+    "gaussian_symmetric_kl",
+    "jsd_mi_lower_bound",
+    "kl_penalty",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "multiview_ib_loss",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+]

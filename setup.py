@@ -1,0 +1,39 @@
+"""Builds rlp_engine._C from csrc/: the C++ (OpenMP) ops always, the CUDA ops only when the
+installed torch has CUDA and RLP_SKIP_CUDA is not set. Install torch first, then
+`pip install --no-build-isolation -e .` (an isolated build would fetch a CUDA torch)."""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+import torch
+
+skip_cuda = os.environ.get("RLP_SKIP_CUDA", "0") == "1"
+with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not skip_cuda
+
+sources = sorted(glob.glob("csrc/*.cpp"))
+# The extension is always built from source on the machine that uses it, so -march=native lets the
+# compiler vectorise the per-token loops with whatever SIMD the CPU has; RLP_PORTABLE=1 turns it off.
+cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+if os.environ.get("RLP_PORTABLE", "0") != "1" and sys.platform == "linux":
+    cxx_flags.append("-march=native")
+extra = {"cxx": cxx_flags}
+if with_cuda:
+    sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    extra["cxx"] = cxx_flags + ["-DRLP_WITH_CUDA"]
+    extra["nvcc"] = ["-O3", "-std=c++20", "-DRLP_WITH_CUDA", "--use_fast_math"]
+    ext = CUDAExtension("rlp_engine._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
+else:
+    ext = CppExtension("rlp_engine._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
+
+packages = [p for p in find_packages(include=["rlp_engine", "rlp_engine.*"])] + ["rlp_engine.kernels"]
+
+setup(
+    packages=packages,
+    package_dir={"rlp_engine": "rlp_engine", "rlp_engine.kernels": "kernels"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
