@@ -10,5 +10,5 @@ PY=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==${RLP_TORCH:-2.13.0}"
 fi
-extras=${RLP_EXTRAS:-dev,hf}
+extras=${RLP_EXTRAS:-dev,train}
 .venv/bin/python -m pip install -q --no-build-isolation -e ".[${extras}]"
