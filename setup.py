@@ -6,10 +6,9 @@ import glob
 import os
 import sys
 
+import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
-import torch
 
 skip_cuda = os.environ.get("RLP_SKIP_CUDA", "0") == "1"
 with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not skip_cuda

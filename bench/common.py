@@ -25,7 +25,9 @@ CSV_FIELDS = ["date", "commit", "device", "bench", "variant", "shape", "median_m
 
 def commit() -> str:
     try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, text=True).strip()
+        sha = subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, text=True
+        ).strip()
         dirty = subprocess.call(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=BENCH_DIR.parent) != 0
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
