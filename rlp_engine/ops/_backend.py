@@ -1,5 +1,6 @@
-"""Backend choice for every op: "torch" (the pure-torch reference), "cpp" (rlp_engine._C, CPU) or
-"triton" (GPU; on CPU only under TRITON_INTERPRET=1, for tests).
+"""Backend choice for every op: "torch" (the pure-torch reference), "cpp" (the compiled extension
+rlp_engine._C: C++ on CPU, and its CUDA kernels on GPU for the ops that have one) or "triton" (GPU;
+on CPU only under TRITON_INTERPRET=1, for tests).
 
 By default CUDA tensors take Triton and CPU tensors take C++ (torch when the extension is not built).
 `backend(name)` overrides the choice explicitly for a block of code; nothing is swapped by
@@ -58,6 +59,11 @@ def cpp_ops():
     return torch.ops.rlp
 
 
+def has_cuda_kernel(schema: str) -> bool:
+    """Whether rlp_engine._C was built with a CUDA kernel for torch.ops.rlp.<schema>."""
+    return cpp_available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"rlp::{schema}", "CUDA")
+
+
 def triton_usable_on(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
@@ -65,15 +71,20 @@ def triton_usable_on(device: torch.device) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def select(op: str, *tensors: torch.Tensor, supported: tuple[str, ...] = BACKENDS) -> str:
-    """The backend `op` runs on for these tensors; raises when a forced backend cannot run here."""
+def select(
+    op: str, *tensors: torch.Tensor, supported: tuple[str, ...] = BACKENDS, cuda_op: str | None = None
+) -> str:
+    """The backend `op` runs on for these tensors; raises when a forced backend cannot run here.
+    `cuda_op` names the extension's schema whose CUDA kernel (when built) lets "cpp" run on GPU."""
     device = tensors[0].device
     forced = _forced.get()
     if forced is not None:
         if forced not in supported:
             raise NotImplementedError(f"{op}: no {forced!r} implementation (has {supported})")
         if forced == "cpp" and device.type != "cpu":
-            raise RuntimeError(f"{op}: backend 'cpp' runs on CPU tensors, got {device}")
+            if device.type == "cuda" and cuda_op is not None and has_cuda_kernel(cuda_op):
+                return forced
+            raise RuntimeError(f"{op}: backend 'cpp' has no kernel for {device} tensors")
         if forced == "triton" and not triton_usable_on(device):
             raise RuntimeError(
                 f"{op}: backend 'triton' on {device} needs TRITON_INTERPRET=1 set before triton is imported"
