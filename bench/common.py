@@ -91,6 +91,9 @@ def peak_memory_mb(fn, device="cpu") -> float:
     pid = os.fork()
     if pid == 0:  # child: touch nothing else, run once, report the peak delta
         os.close(r)
+        # libgomp is not fork-safe: after the parent ran an OpenMP region, a multi-threaded one in the
+        # child waits forever for the parent's pool threads. One thread runs the same allocations.
+        torch.set_num_threads(1)
         base = _rss_bytes()
         fn()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

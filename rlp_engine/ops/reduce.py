@@ -32,6 +32,8 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     """sum(x * mask) / (sum(mask) + 1e-8): 0 for an empty mask (verl's and OpenRLHF's convention)."""
+    check_tensor("masked_mean", "x", x)
+    check_mask("masked_mean", mask, x, "x")
     count = mask.to(x.dtype).sum() if dim is None else mask.to(x.dtype).sum(dim=dim)
     return masked_sum(x, mask, dim) / (count + 1e-8)
 
@@ -82,6 +84,8 @@ def agg_weights(
     `loss_scale_factor` is the constant divisor of seq-mean-token-sum-norm (default: T).
     """
     check_choice("agg_loss", "mode", mode, AGG_MODES)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"agg_loss: mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dim() != 2:
         raise ValueError(f"agg_loss: mask must be [B, T], got shape {tuple(mask.shape)}")
     m = mask.float()

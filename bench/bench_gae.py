@@ -1,0 +1,140 @@
+"""GAE (+ returns, + advantage whitening): compute_gae against the Python time-loop that verl
+(compute_gae_advantage_return; mask_mode "carry") or OpenRLHF (get_advantages_and_returns; "zero")
+run today, in eager torch, same run.
+
+Floor. GAE reads r, V (fp32) and the mask (bool) and writes advantages and returns (fp32): 17 bytes a
+token; whitening the advantages reads them and the mask twice and writes them once: about 25 bytes a
+token in all (DESIGN "Floors"). GPU, B=256, T=4096 (1.05M tokens): 26 MB, about 8 us at 3.35 TB/s
+(H100 SXM). CPU: the time loop is a serial chain per row (one FMA a step), so the C++ op is bound by
+latency, about 5 ns a token per core, not by bandwidth.
+
+Prediction. CPU, B=64, T=2048: the eager loop costs about T x 8 small ops (about 60 ms); the C++ op
+about 0.6 ms on one core: about 100x. GPU, B=256, T=4096: the loop is about 4096 x 10 kernel
+launches (200+ ms); the Triton scan is one launch, 10-20 us (within 3x of the floor): above 1000x.
+
+Usage: python bench/bench_gae.py [--device cuda] [--B 64 --T 2048] [--mask-mode carry] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import append_csv, device_name, peak_memory_mb, print_table, time_fn
+
+from rlp_engine.ops import compute_gae, masked_whiten
+
+BYTES_PER_TOKEN_GAE = 17  # r, V fp32 in; mask bool in; advantages, returns fp32 out
+BYTES_PER_TOKEN_E2E = 25  # + whitening: read advantages and mask for the statistics, write once
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM
+
+
+def verl_loop(r, values, m, gamma, lam):
+    """verl's compute_gae_advantage_return (unwhitened), as users run it today."""
+    m = m.to(values.dtype)
+    nextvalues, lastgaelam = 0, 0
+    adv_rev = []
+    for t in reversed(range(r.shape[1])):
+        delta = r[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam_ = delta + gamma * lam * lastgaelam
+        nextvalues = values[:, t] * m[:, t] + (1 - m[:, t]) * nextvalues
+        lastgaelam = lastgaelam_ * m[:, t] + (1 - m[:, t]) * lastgaelam
+        adv_rev.append(lastgaelam)
+    adv = torch.stack(adv_rev[::-1], dim=1)
+    return adv, adv + values
+
+
+def openrlhf_loop(r, values, m, gamma, lam):
+    """OpenRLHF's get_advantages_and_returns ("zero" semantics), as users run it today."""
+    m = m.to(values.dtype)
+    values, r = values * m, r * m
+    T = r.shape[1]
+    lastgaelam, adv_rev = 0, []
+    for t in reversed(range(T)):
+        nextvalues = values[:, t + 1] if t < T - 1 else 0.0
+        delta = r[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        adv_rev.append(lastgaelam)
+    adv = torch.stack(adv_rev[::-1], dim=1)
+    return adv, adv + values
+
+
+LOOPS = {"carry": ("verl", verl_loop), "zero": ("OpenRLHF", openrlhf_loop)}
+
+
+def make_inputs(B, T, device):
+    r = torch.randn(B, T, device=device) * 0.1
+    v = torch.randn(B, T, device=device)
+    t = torch.arange(T, device=device)
+    length = torch.randint(T // 2, T + 1, (B, 1), device=device)
+    mask = (t < length) & (torch.rand(B, T, device=device) < 0.95)  # padding plus some holes
+    return r, v, mask
+
+
+def run(args) -> list[dict]:
+    device = args.device
+    B, T = args.B, args.T
+    r, v, mask = make_inputs(B, T, device)
+    gamma, lam = 0.99, 0.95
+    ours = lambda: compute_gae(r, v, mask, gamma, lam, args.mask_mode)
+    ours_e2e = lambda: masked_whiten(ours()[0], mask)
+    who, loop = LOOPS[args.mask_mode]
+    base = lambda: loop(r, v, mask, gamma, lam)
+    base_e2e = lambda: masked_whiten(base()[0], mask)
+    for got, want in zip(ours(), base()):  # same numbers as the loop users run
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    shape = f"B={B} T={T} {args.mask_mode}"
+    backend = "triton" if torch.device(device).type == "cuda" else "cpp"
+    variants = [
+        (f"{who} time-loop (eager)", base, None),
+        (f"compute_gae ({backend})", ours, f"{who} time-loop (eager)"),
+        (f"{who} loop + masked_whiten", base_e2e, None),
+        (f"compute_gae ({backend}) + masked_whiten", ours_e2e, f"{who} loop + masked_whiten"),
+    ]
+    times, rows = {}, []
+    for name, fn, baseline in variants:
+        reps = 3 if fn in (base, base_e2e) else 21
+        ms = time_fn(fn, device, warmup=1 if reps == 3 else 3, reps=reps)
+        times[name] = ms
+        row = dict(variant=name, shape=shape, median_ms=ms, peak_mb=peak_memory_mb(fn, device))
+        row["ratio"] = times[baseline] / ms if baseline else 1.0
+        rows.append(row)
+    return rows
+
+
+def floor_rows(rows: list[dict], tokens: int, device) -> None:
+    """Print the achieved bytes/s of our two variants against the bandwidth floor."""
+    for row, per_token in zip(rows[1::2], (BYTES_PER_TOKEN_GAE, BYTES_PER_TOKEN_E2E)):
+        gbs = tokens * per_token / (row["median_ms"] * 1e-3) / 1e9
+        line = f"{row['variant']}: {per_token} B/token -> {gbs:.1f} GB/s"
+        if torch.device(device).type == "cuda":
+            floor_us = tokens * per_token / HBM_BYTES_PER_S * 1e6
+            line += f"; floor {floor_us:.1f} us, {row['median_ms'] * 1e3 / floor_us:.1f}x the floor"
+        print(line)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--B", type=int, default=None)
+    parser.add_argument("--T", type=int, default=None)
+    parser.add_argument("--mask-mode", default="carry", choices=("carry", "zero"))
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch and the OpenMP ops)")
+    parser.add_argument("--no-csv", action="store_true")
+    args = parser.parse_args()
+    cuda = torch.device(args.device).type == "cuda"
+    args.B = args.B or (256 if cuda else 64)
+    args.T = args.T or (4096 if cuda else 2048)
+    if args.threads:
+        # On a loaded machine an OpenMP barrier waits for descheduled threads (~10 ms a region)
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = run(args)
+    print_table(f"GAE ({args.mask_mode}) on {device_name(args.device)}", rows)
+    floor_rows(rows, args.B * args.T, args.device)
+    if not args.no_csv:
+        append_csv("gae", args.device, rows)
+
+
+if __name__ == "__main__":
+    main()
