@@ -1,0 +1,144 @@
+"""Process launch for the SPMD engine: one process per device under torchrun, or a single process.
+
+`init_distributed()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT). Without it the run is single-process and no process group is created. The backend
+is NCCL when CUDA is available and gloo otherwise; each rank gets the device of its local rank.
+
+Failure handling: collectives time out after `timeout_s`, and an excepthook (installed by
+`init_distributed`) prints which rank failed, tears the process group down and exits non-zero, so
+one rank's exception never leaves the others waiting forever (torchrun then stops the rest; ranks
+started another way leave their next collective by timeout).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None when single-process (no process group)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(
+            f"init_distributed: environment variable {name}={value!r} is not an integer"
+        ) from None
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def device_for(local_rank: int) -> torch.device:
+    """The device of a local rank: cuda:<local_rank> when CUDA is available, else cpu."""
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible)")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_s: float = 600.0, backend: str | None = None) -> DistInfo:
+    """Join the process group torchrun describes (or stay single-process) and pick this rank's device.
+
+    timeout_s bounds every collective: a rank whose peer died raises instead of hanging.
+    Calling it again returns the current state."""
+    if not timeout_s > 0:
+        raise ValueError(f"init_distributed: timeout_s must be > 0, got {timeout_s!r}")
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"init_distributed: RANK={rank} is outside WORLD_SIZE={world_size}")
+    device = device_for(local_rank)
+    if world_size == 1 and not dist.is_initialized():
+        return DistInfo(0, 1, 0, device, None)
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"init_distributed: WORLD_SIZE={world_size} but {missing} not set (launch with torchrun)"
+        )
+    backend = backend or default_backend()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    install_failure_handler()
+    return DistInfo(rank, world_size, local_rank, device, dist.get_backend())
+
+
+def install_failure_handler() -> None:
+    """Replace sys.excepthook so an uncaught exception on any rank is reported with the rank and
+    ends the process at once (after tearing the group down) instead of waiting in atexit handlers."""
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        rank = dist.get_rank() if dist.is_initialized() else _env_int("RANK", 0)
+        sys.stderr.write(f"[rank {rank}] failed with {exc_type.__name__}: {exc}\n")
+        sys.stderr.write("".join(traceback.format_exception(exc_type, exc, tb)))
+        sys.stderr.flush()
+        abort_process_group()
+        if previous not in (sys.__excepthook__, hook):
+            previous(exc_type, exc, tb)
+        os._exit(1)
+
+    sys.excepthook = hook
+
+
+def abort_process_group() -> None:
+    """Tear down the default group without waiting for peers (best effort: errors are ignored,
+    because this runs while the process is already failing)."""
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "nccl":
+            # destroy_process_group can block on a hung NCCL communicator; abort does not
+            dist.distributed_c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
+    except Exception as err:  # the process exits right after: report, do not raise
+        sys.stderr.write(f"abort_process_group: {err!r}\n")
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Clean exit: destroy the process group if one exists."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
