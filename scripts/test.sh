@@ -4,4 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# One OpenMP thread per pytest worker: two workers on two cores already fill the machine, and an
+# oversubscribed OpenMP region spins waiting for descheduled threads. tests/test_threads.py runs the
+# threaded kernels explicitly.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 .venv/bin/python -m pytest -n "${RLP_TEST_WORKERS:-2}" tests "$@"
