@@ -8,7 +8,15 @@ from rlp_engine.ops.ib import gaussian_symmetric_kl, jsd_mi_lower_bound, multivi
 from rlp_engine.ops.kl import KL_KINDS, kl_penalty
 from rlp_engine.ops.logprobs import entropy_from_logits, logprobs_from_logits
 from rlp_engine.ops.ppo import ppo_policy_loss, ppo_value_loss
-from rlp_engine.ops.reduce import AGG_MODES, agg_loss, agg_weights, masked_mean, masked_sum, masked_var, masked_whiten
+from rlp_engine.ops.reduce import (
+    AGG_MODES,
+    agg_loss,
+    agg_weights,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
 
 __all__ = [
     "AGG_MODES",

@@ -1,0 +1,241 @@
+"""Stages 3 and 6: PPO from the SFT policy against a reward model (AlpacaFarm's recipe).
+
+One iteration (`ppo_step`): rollout (sample responses) -> scoring (old and reference log-probs,
+values, sequence scores, KL-shaped token rewards, GAE, whitening) -> training (clipped policy and
+value losses over minibatches for a few epochs). All loss math goes through `rlp_engine.ops`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from rlp_engine import ops
+from rlp_engine.engine.batch import SeqBatch
+from rlp_engine.engine.generate import sample
+from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress, to_float
+from rlp_engine.models.heads import ScalarHeadModel
+from rlp_engine.models.policy import response_logprobs
+
+
+@dataclass
+class PPOState:
+    """Everything one PPO run holds: trained actor and critic, frozen reference and reward model."""
+
+    actor: torch.nn.Module  # causal LM, trained
+    critic: ScalarHeadModel  # trained, initialised from the reward model
+    ref: torch.nn.Module  # frozen SFT policy
+    reward_model: ScalarHeadModel  # frozen
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    cfg: object  # PPOConfig
+    data_cfg: object  # DataConfig
+    generator: torch.Generator
+
+
+@dataclass
+class Experience:
+    batch: SeqBatch
+    old_logprobs: torch.Tensor  # (B, R)
+    ref_logprobs: torch.Tensor  # (B, R)
+    old_values: torch.Tensor  # (B, R)
+    advantages: torch.Tensor  # (B, R), whitened when configured
+    returns: torch.Tensor  # (B, R)
+    scores: torch.Tensor  # (B,) raw reward-model scores
+    kl: torch.Tensor  # (B, R)
+
+
+def init_ppo(policy, reward_model: ScalarHeadModel, tokenizer, cfg, data_cfg, seed: int = 0) -> PPOState:
+    """A PPOState from the SFT `policy` (copied into actor and reference) and `reward_model` (copied
+    into the critic; the original stays frozen as the scorer). One AdamW over actor and critic, as
+    AlpacaFarm (its vf_coef weighs the two losses)."""
+    actor = copy.deepcopy(policy).train()
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    critic = copy.deepcopy(reward_model).train().requires_grad_(True)
+    critic.encoder = None
+    reward_model = reward_model.eval().requires_grad_(False)
+    params = list(actor.parameters()) + list(critic.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    return PPOState(actor, critic, ref, reward_model, tokenizer, opt, cfg, data_cfg, gen)
+
+
+def critic_values(critic: ScalarHeadModel, batch: SeqBatch) -> torch.Tensor:
+    """V(s_t) for each response token t [B, R]: the head on the hidden state just before the token."""
+    v = critic.values(batch.input_ids, batch.attention_mask)  # (B, P+R)
+    return v[:, batch.prompt_len - 1 : -1]
+
+
+def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """r_t = -beta * kl_t on response tokens, plus the sequence score at the last response token.
+    scores [B], kl and mask [B, R] -> [B, R] fp32."""
+    rewards = -beta * kl.float() * mask
+    last = (mask.sum(-1).long() - 1).clamp_min(0)
+    return rewards.scatter_add(1, last[:, None], scores.float()[:, None])
+
+
+@torch.no_grad()
+def make_experience(state: PPOState, batch: SeqBatch, throughput: Throughput) -> Experience:
+    """Scoring phase: log-probs under actor and reference, values, scores, rewards, advantages."""
+    cfg = state.cfg
+    mask = batch.response_mask
+    with throughput.phase("scoring") as rec:
+        old_lp = response_logprobs(
+            state.actor,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.response_len,
+            temperature=cfg.temperature,
+        )
+        ref_lp = response_logprobs(
+            state.ref, batch.input_ids, batch.attention_mask, batch.response_len, temperature=cfg.temperature
+        )
+        values = critic_values(state.critic, batch) * mask
+        scores = state.reward_model.score(batch.input_ids, batch.attention_mask)
+        kl = ops.kl_penalty(old_lp, ref_lp, kind=cfg.kl_kind) * mask
+        seq_scores = scores
+        if cfg.whiten_rewards and scores.numel() > 1:
+            # AlpacaFarm whitens the sequence scores over the rollout batch, keeping their mean.
+            seq_scores = ops.masked_whiten(scores[None], torch.ones_like(scores[None]), shift_mean=False)[0]
+        rewards = shaped_rewards(seq_scores, kl, mask, cfg.kl_coef)
+        adv, ret = ops.compute_gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:
+            adv = ops.masked_whiten(adv, mask)
+        rec["tokens"] = 4 * batch.num_tokens()  # actor, reference, critic and reward-model passes
+    return Experience(batch, old_lp, ref_lp, values, adv * mask, ret * mask, scores, kl)
+
+
+def ppo_losses(state: PPOState, exp: Experience, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Policy + vf_coef * value (- entropy_coef * entropy) loss on the rows `idx` of `exp`."""
+    cfg = state.cfg
+    b = exp.batch.select(idx)
+    mask = b.response_mask
+    want_entropy = cfg.entropy_coef > 0
+    out = response_logprobs(
+        state.actor,
+        b.input_ids,
+        b.attention_mask,
+        b.response_len,
+        temperature=cfg.temperature,
+        return_entropy=want_entropy,
+    )
+    lp, ent = out if want_entropy else (out, None)
+    pg_loss, pg_m = ops.ppo_policy_loss(
+        lp,
+        exp.old_logprobs[idx],
+        exp.advantages[idx],
+        mask,
+        clip_low=cfg.clip,
+        clip_high=cfg.clip,
+        agg=cfg.agg,
+    )
+    values = critic_values(state.critic, b)
+    vf_loss, vf_m = ops.ppo_value_loss(
+        values, exp.old_values[idx], exp.returns[idx], mask, clip=cfg.value_clip, agg=cfg.agg
+    )
+    loss = pg_loss + cfg.vf_coef * vf_loss
+    metrics = {
+        "pg_loss": pg_loss.detach(),
+        "vf_loss": vf_loss.detach(),
+        "pg_clipfrac": pg_m["clipfrac"],
+        "approx_kl": pg_m["approx_kl"],
+        "vf_clipfrac": vf_m["clipfrac"],
+    }
+    if want_entropy:
+        entropy = ops.agg_loss(ent, mask, cfg.agg)
+        loss = loss - cfg.entropy_coef * entropy
+        metrics["entropy"] = entropy.detach()
+    return loss, metrics
+
+
+def train_on_experience(state: PPOState, exp: Experience, throughput: Throughput) -> dict[str, float]:
+    """cfg.ppo_epochs passes over `exp` in shuffled minibatches; metrics averaged over minibatches."""
+    cfg = state.cfg
+    n = len(exp.batch)
+    params = [p for g in state.optimizer.param_groups for p in g["params"]]
+    sums: dict[str, float] = {}
+    count = 0
+    with throughput.phase("training") as rec:
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(n, generator=state.generator)
+            for start in range(0, n, cfg.mini_batch_size):
+                idx = perm[start : start + cfg.mini_batch_size].to(exp.batch.input_ids.device)
+                loss, metrics = ppo_losses(state, exp, idx)
+                state.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                state.optimizer.step()
+                metrics = {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + to_float(v)
+                count += 1
+                rec["tokens"] += int(exp.batch.attention_mask[idx].sum())
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def ppo_step(
+    state: PPOState, prompts: list[str], throughput: Throughput | None = None, gold=None
+) -> dict[str, float]:
+    """One PPO iteration on a batch of prompts: rollout -> scoring -> update of actor and critic.
+
+    Returns floats: losses (loss, pg_loss, vf_loss), clip fractions, approx_kl, grad_norm, and the
+    rollout's statistics (score: mean raw reward-model score; kl: mean summed KL to the reference;
+    response_len; truncated: share without eos; gold: mean gold(prompt, response) when `gold` is
+    given, for monitoring only).
+    """
+    throughput = throughput or Throughput()
+    with throughput.phase("generation") as rec:
+        samples = sample(state.actor, state.tokenizer, prompts, state.cfg, state.data_cfg, n=1)
+        rec["tokens"] = int(samples.batch.response_mask.sum())
+    exp = make_experience(state, samples.batch, throughput)
+    metrics = train_on_experience(state, exp, throughput)
+    mask = exp.batch.response_mask
+    metrics.update(
+        score=to_float(exp.scores),
+        kl=to_float(exp.kl.sum(-1)),
+        response_len=to_float(mask.sum(-1)),
+        truncated=to_float(samples.truncated.float()),
+    )
+    if gold is not None:
+        metrics["gold"] = sum(gold(p, r) for p, r in zip(samples.prompts, samples.responses)) / len(prompts)
+    return metrics
+
+
+def ppo(
+    policy,
+    reward_model: ScalarHeadModel,
+    tokenizer,
+    prompts: list[str],
+    cfg,
+    data_cfg,
+    *,
+    logger: MetricsLogger | None = None,
+    throughput: Throughput | None = None,
+    seed: int = 0,
+    log_every: int = 10,
+    show_progress: bool = False,
+    stage: str = "ppo",
+    gold=None,
+) -> torch.nn.Module:
+    """Run cfg.steps PPO iterations from `policy` (the SFT model, left untouched) against
+    `reward_model`, cycling through `prompts` in shuffled order. Returns the trained actor.
+    `gold(prompt, response)`, when given, is logged on the rollouts (never used for training)."""
+    logger = logger or MetricsLogger()
+    throughput = throughput or Throughput()
+    torch.manual_seed(seed)
+    state = init_ppo(policy, reward_model, tokenizer, cfg, data_cfg, seed=seed)
+    order = torch.randperm(len(prompts), generator=state.generator).tolist()
+    pos = 0
+    size = min(cfg.rollout_batch_size, len(prompts))
+    for step in progress(range(cfg.steps), desc=stage, enabled=show_progress):
+        if pos + size > len(order):
+            order = torch.randperm(len(prompts), generator=state.generator).tolist()
+            pos = 0
+        batch_prompts = [prompts[i] for i in order[pos : pos + size]]
+        pos += size
+        metrics = ppo_step(state, batch_prompts, throughput, gold)
+        if step % log_every == 0 or step == cfg.steps - 1:
+            logger.log(stage, step, metrics)
+    return state.actor.eval()

@@ -1,0 +1,119 @@
+"""Stage 2 (and the base of RLP's stage 5): Bradley-Terry reward modelling, scoring and accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from rlp_engine.data.records import Preference
+from rlp_engine.engine.batch import Encoded, SeqBatch, join, make_batch, pad_left, pad_right
+from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress
+from rlp_engine.models.heads import ScalarHeadModel
+
+
+def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry loss mean(-log sigmoid(r(x, y_w) - r(x, y_l))) over pairs [N] -> scalar."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+class PairData:
+    """Preference pairs tokenised once: `batch(idx)` gives chosen rows then rejected rows [2n, T]."""
+
+    def __init__(self, tokenizer, pairs: list[Preference], data_cfg):
+        prompts = [p.prompt for p in pairs]
+        self.chosen = Encoded(tokenizer, prompts, [p.chosen for p in pairs], data_cfg)
+        self.rejected = Encoded(tokenizer, prompts, [p.rejected for p in pairs], data_cfg)
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def batch(self, idx) -> SeqBatch:
+        idx = [int(i) for i in idx]
+        enc = self.chosen
+        prompts = [enc.prompts[i] for i in idx] * 2
+        responses = [self.chosen.responses[i] for i in idx] + [self.rejected.responses[i] for i in idx]
+        return join(*pad_left(prompts, enc.pad_id), *pad_right(responses, enc.pad_id))
+
+
+def pair_rewards(rm: ScalarHeadModel, batch: SeqBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen [n], r_rejected [n]) from a PairData batch in one forward pass."""
+    r = rm.score(batch.input_ids, batch.attention_mask)
+    n = r.shape[0] // 2
+    return r[:n], r[n:]
+
+
+def train_reward_model(
+    rm: ScalarHeadModel,
+    tokenizer,
+    pairs: list[Preference],
+    cfg,
+    data_cfg,
+    *,
+    extra_loss: Callable[[int], tuple[torch.Tensor, dict]] | None = None,
+    logger: MetricsLogger | None = None,
+    throughput: Throughput | None = None,
+    seed: int = 0,
+    log_every: int = 10,
+    show_progress: bool = False,
+    stage: str = "rm",
+) -> dict[str, float]:
+    """Train `rm` in place with Bradley-Terry on `pairs` for cfg.steps steps (cfg: RewardConfig or any
+    config with steps, batch_size, lr). `extra_loss(step) -> (loss, metrics)` is added to every step's
+    loss (RLP-UML's lam * L_M). Returns the last logged metrics."""
+    logger = logger or MetricsLogger()
+    throughput = throughput or Throughput()
+    data = PairData(tokenizer, pairs, data_cfg)
+    device = next(rm.parameters()).device
+    opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=getattr(cfg, "weight_decay", 0.0))
+    gen = torch.Generator().manual_seed(seed)
+    rm.train()
+    last: dict[str, float] = {}
+    for step in progress(range(cfg.steps), desc=stage, enabled=show_progress):
+        idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=gen)
+        batch = data.batch(idx).to(device)
+        with throughput.phase("training") as rec:
+            r_w, r_l = pair_rewards(rm, batch)
+            loss = bt_loss(r_w, r_l)
+            metrics = {"bt_loss": loss, "acc": (r_w > r_l).float().mean()}
+            if extra_loss is not None:
+                extra, extra_metrics = extra_loss(step)
+                loss = loss + extra
+                metrics.update(extra_metrics)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+            opt.step()
+            rec["tokens"] = batch.num_tokens()
+        if step % log_every == 0 or step == cfg.steps - 1:
+            last = logger.log(stage, step, {"loss": loss, **metrics})
+    return last
+
+
+@torch.no_grad()
+def score_texts(
+    rm: ScalarHeadModel, tokenizer, prompts: list[str], responses: list[str], data_cfg, batch_size: int = 256
+) -> torch.Tensor:
+    """Reward of each (prompt, response) [N] fp32, on CPU."""
+    was_training = rm.training
+    rm.eval()
+    device = next(rm.parameters()).device
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        b = make_batch(tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], data_cfg).to(
+            device
+        )
+        out.append(rm.score(b.input_ids, b.attention_mask).cpu())
+    rm.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def preference_accuracy(rm: ScalarHeadModel, tokenizer, pairs: list[Preference], data_cfg) -> float:
+    """Share of pairs where r(chosen) > r(rejected) (ties count one half); NaN for no pairs."""
+    if not pairs:
+        return float("nan")
+    prompts = [p.prompt for p in pairs]
+    r_w = score_texts(rm, tokenizer, prompts, [p.chosen for p in pairs], data_cfg)
+    r_l = score_texts(rm, tokenizer, prompts, [p.rejected for p in pairs], data_cfg)
+    return float(((r_w > r_l).float() + 0.5 * (r_w == r_l).float()).mean())

@@ -1,0 +1,215 @@
+"""Stages 4 and 5 of RLP: sample P from the policy, then refine the reward model on it.
+
+RLP-UML: Bradley-Terry on D + lam * L_M on P, where L_M is the multi-view information-bottleneck
+loss between two different sampled responses to the same prompt (Gaussian encoder heads on the
+reward model's final hidden state).
+RLP-SPG: cluster each prompt's n responses by a pluggable equivalence; confidence = |largest| / n;
+prompts with confidence >= gamma and a non-empty rest give a synthetic pair (y_w: the largest
+cluster's member with the highest current reward; y_l: a uniform draw from the other clusters'
+members); Bradley-Terry on D plus these pairs.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import torch
+
+from rlp_engine import ops
+from rlp_engine.algos.reward import score_texts, train_reward_model
+from rlp_engine.data.records import Preference
+from rlp_engine.data.task import extract_answer
+from rlp_engine.engine.batch import Encoded
+from rlp_engine.engine.generate import sample
+from rlp_engine.models.heads import GaussianEncoder, ScalarHeadModel
+
+
+@dataclass
+class PolicySamples:
+    """The set P: prompts[i] with its n responses responses[i] (stage 4)."""
+
+    prompts: list[str]
+    responses: list[list[str]]
+
+
+def sample_policy(policy, tokenizer, prompts: list[str], cfg, data_cfg, throughput=None) -> PolicySamples:
+    """cfg.n responses per prompt from `policy` (cfg: SampleConfig: n, temperature, top_k, top_p)."""
+    if throughput is None:
+        s = sample(policy, tokenizer, prompts, cfg, data_cfg, n=cfg.n)
+    else:
+        with throughput.phase("generation") as rec:
+            s = sample(policy, tokenizer, prompts, cfg, data_cfg, n=cfg.n)
+            rec["tokens"] = int(s.batch.response_mask.sum())
+    n = cfg.n
+    return PolicySamples(prompts, [s.responses[i * n : (i + 1) * n] for i in range(len(prompts))])
+
+
+def final_answer_key(response: str, index: int) -> Hashable:
+    """Exact match of the extracted final answer; a response without one is its own cluster."""
+    answer = extract_answer(response)
+    return ("answer", answer) if answer is not None else ("none", index)
+
+
+def exact_key(response: str, index: int) -> Hashable:
+    return ("text", response.strip())
+
+
+EQUIVALENCES: dict[str, Callable[[str, int], Hashable]] = {
+    "final_answer": final_answer_key,
+    "exact": exact_key,
+}
+
+
+def cluster(responses: list[str], key: Callable[[str, int], Hashable]) -> list[list[int]]:
+    """Indices of `responses` grouped by `key(response, index)`, largest cluster first (ties: the
+    cluster seen first comes first)."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, r in enumerate(responses):
+        groups.setdefault(key(r, i), []).append(i)
+    return sorted(groups.values(), key=lambda g: (-len(g), g[0]))
+
+
+def spg_pair(
+    prompt: str,
+    responses: list[str],
+    rewards: list[float],
+    clusters: list[list[int]],
+    gamma: float,
+    rng: random.Random,
+) -> Preference | None:
+    """A synthetic preference for one prompt, or None when confidence |largest| / n < gamma or every
+    response is in the largest cluster. y_w: the largest cluster's member with the highest reward
+    (first on ties); y_l: uniform over the members of the other clusters."""
+    largest = clusters[0]
+    confidence = len(largest) / len(responses)
+    rest = [i for c in clusters[1:] for i in c]
+    if confidence < gamma or not rest:
+        return None
+    w = max(largest, key=lambda i: (rewards[i], -i))
+    lose = rest[rng.randrange(len(rest))]
+    return Preference(prompt, responses[w], responses[lose])
+
+
+def synthetic_preferences(
+    samples: PolicySamples,
+    rewards: list[list[float]],
+    gamma: float,
+    equivalence: str | Callable[[str, int], Hashable] = "final_answer",
+    seed: int = 0,
+) -> tuple[list[Preference], dict[str, float]]:
+    """SPG pairs over P and statistics (kept: share of prompts kept; confidence: mean confidence)."""
+    key = EQUIVALENCES[equivalence] if isinstance(equivalence, str) else equivalence
+    rng = random.Random(seed)
+    pairs, confidences = [], []
+    for prompt, responses, r in zip(samples.prompts, samples.responses, rewards):
+        clusters = cluster(responses, key)
+        confidences.append(len(clusters[0]) / len(responses))
+        pair = spg_pair(prompt, responses, r, clusters, gamma, rng)
+        if pair is not None:
+            pairs.append(pair)
+    n = max(1, len(samples.prompts))
+    return pairs, {"kept": len(pairs) / n, "confidence": sum(confidences) / n, "pairs": len(pairs)}
+
+
+def _fresh_reward_model(init: ScalarHeadModel | torch.nn.Module) -> ScalarHeadModel:
+    """A copy of a reward model, or the SFT causal LM plus a fresh head."""
+    if isinstance(init, ScalarHeadModel):
+        rm = copy.deepcopy(init)
+        rm.requires_grad_(True)
+        return rm
+    return ScalarHeadModel.from_causal_lm(init)
+
+
+def rlp_spg(
+    init,
+    current_rm: ScalarHeadModel,
+    tokenizer,
+    pairs: list[Preference],
+    samples: PolicySamples,
+    cfg,
+    data_cfg,
+    **train_kwargs,
+) -> tuple[ScalarHeadModel, list[Preference], dict[str, float]]:
+    """RLP-SPG: synthetic pairs from P (y_w ranked by `current_rm`), then Bradley-Terry on D + them,
+    starting from `init` (the SFT causal LM for a retrain, or a reward model to fine-tune).
+    cfg: SPGConfig. Returns (refined reward model, synthetic pairs, statistics)."""
+    flat_p = [p for p, rs in zip(samples.prompts, samples.responses) for _ in rs]
+    flat_r = [r for rs in samples.responses for r in rs]
+    scores = score_texts(current_rm, tokenizer, flat_p, flat_r, data_cfg).tolist()
+    n = len(samples.responses[0]) if samples.responses else 0
+    rewards = [scores[i * n : (i + 1) * n] for i in range(len(samples.prompts))]
+    synthetic, stats = synthetic_preferences(
+        samples, rewards, cfg.gamma, cfg.equivalence, train_kwargs.get("seed", 0)
+    )
+    rm = _fresh_reward_model(init)
+    train_reward_model(rm, tokenizer, pairs + synthetic, cfg, data_cfg, **train_kwargs)
+    return rm.eval(), synthetic, stats
+
+
+class MultiViewData:
+    """Pairs of views for L_M: for each prompt of P with two distinct responses, tokenised once."""
+
+    def __init__(self, tokenizer, samples: PolicySamples, data_cfg, seed: int = 0):
+        rng = random.Random(seed)
+        prompts, v1, v2 = [], [], []
+        for prompt, responses in zip(samples.prompts, samples.responses):
+            distinct = list(dict.fromkeys(responses))
+            if len(responses) < 2:
+                continue
+            # Two different sampled responses; the same text twice only when the policy never varies.
+            a, b = rng.sample(distinct, 2) if len(distinct) >= 2 else (responses[0], responses[1])
+            prompts.append(prompt)
+            v1.append(a)
+            v2.append(b)
+        if len(prompts) < 2:
+            raise ValueError("rlp_uml: P needs at least two prompts with two responses each")
+        self.view1 = Encoded(tokenizer, prompts, v1, data_cfg)
+        self.view2 = Encoded(tokenizer, prompts, v2, data_cfg)
+
+    def __len__(self) -> int:
+        return len(self.view1)
+
+
+def ib_loss_fn(
+    rm: ScalarHeadModel, views: MultiViewData, batch_size: int, beta: float, lam: float, seed: int
+):
+    """extra_loss(step) for `train_reward_model`: lam * multiview_ib_loss on a random batch of views."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.Generator().manual_seed(seed + 1)
+    device = next(rm.parameters()).device
+
+    def extra_loss(step: int):
+        idx = torch.randint(len(views), (min(batch_size, len(views)),), generator=gen)
+        b1, b2 = views.view1.batch(idx).to(device), views.view2.batch(idx).to(device)
+        mu1, logvar1 = rm.encoder(rm.final_hidden(b1.input_ids, b1.attention_mask))
+        mu2, logvar2 = rm.encoder(rm.final_hidden(b2.input_ids, b2.attention_mask))
+        loss, m = ops.multiview_ib_loss(
+            mu1, logvar1, mu2, logvar2, rm.encoder.critic, beta=beta, generator=noise
+        )
+        return lam * loss, {"ib_loss": loss.detach(), "mi": m["mi"], "skl": m["skl"]}
+
+    return extra_loss
+
+
+def rlp_uml(
+    init,
+    tokenizer,
+    pairs: list[Preference],
+    samples: PolicySamples,
+    cfg,
+    data_cfg,
+    **train_kwargs,
+) -> ScalarHeadModel:
+    """RLP-UML: Bradley-Terry on D + cfg.lam * L_M on P, from `init` (SFT causal LM or a reward model),
+    with fresh Gaussian encoder heads (cfg: UMLConfig). Returns the refined reward model."""
+    rm = _fresh_reward_model(init)
+    hidden = rm.head.in_features
+    rm.encoder = GaussianEncoder(hidden, cfg.latent_dim).to(next(rm.parameters()).device)
+    seed = train_kwargs.get("seed", 0)
+    views = MultiViewData(tokenizer, samples, data_cfg, seed=seed)
+    extra = ib_loss_fn(rm, views, cfg.ib_batch_size, cfg.beta, cfg.lam, seed)
+    train_reward_model(rm, tokenizer, pairs, cfg, data_cfg, extra_loss=extra, **train_kwargs)
+    return rm.eval()

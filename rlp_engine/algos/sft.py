@@ -1,0 +1,68 @@
+"""Stage 1: supervised fine-tuning on demonstrations (mean token log-likelihood of the responses)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlp_engine import ops
+from rlp_engine.data.records import Example
+from rlp_engine.engine.batch import Encoded, SeqBatch
+from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress
+from rlp_engine.models.policy import response_logprobs
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear warmup over `warmup` steps, then cosine decay to 10% at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+
+
+def sft_loss(model, batch: SeqBatch) -> torch.Tensor:
+    """Negative mean log-likelihood of the response tokens (eos included). Scalar fp32."""
+    lp = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_len)
+    return -ops.masked_mean(lp, batch.response_mask)
+
+
+def sft(
+    model,
+    tokenizer,
+    examples: list[Example],
+    cfg,
+    data_cfg,
+    *,
+    logger: MetricsLogger | None = None,
+    throughput: Throughput | None = None,
+    seed: int = 0,
+    log_every: int = 10,
+    show_progress: bool = False,
+    stage: str = "sft",
+) -> dict[str, float]:
+    """Train `model` in place on `examples` for cfg.steps AdamW steps (cfg: SFTConfig). Returns the
+    last logged metrics."""
+    logger = logger or MetricsLogger()
+    throughput = throughput or Throughput()
+    enc = Encoded(tokenizer, [e.prompt for e in examples], [e.response for e in examples], data_cfg)
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup_steps))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    last: dict[str, float] = {}
+    for step in progress(range(cfg.steps), desc=stage, enabled=show_progress):
+        idx = torch.randint(len(enc), (cfg.batch_size,), generator=gen)
+        batch = enc.batch(idx).to(device)
+        with throughput.phase("training") as rec:
+            loss = sft_loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            rec["tokens"] = batch.num_tokens()
+        if step % log_every == 0 or step == cfg.steps - 1:
+            last = logger.log(stage, step, {"loss": loss, "lr": sched.get_last_lr()[0]})
+    return last

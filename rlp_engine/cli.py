@@ -1,0 +1,117 @@
+"""The `rlp-engine` command.
+
+    rlp-engine train [--config FILE.yaml] [--preset NAME] [--output-dir DIR] [key=value ...]
+    rlp-engine eval --policy DIR [--reward-model DIR] [--config FILE.yaml] [key=value ...]
+    rlp-engine sample --policy DIR [-n N] [--prompt TEXT ...] [key=value ...]
+
+`train` runs the whole RLP pipeline (embedded arithmetic task when no config is given) and writes
+DIR/report.json, DIR/report.md, DIR/training_curves.png, DIR/metrics.jsonl and checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rlp_engine.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlp-engine", description="RLHF with Reward Learning on Policy (RLP).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--config", help="YAML config file (sections: model, data, sft, rm, ppo, ...)")
+        sp.add_argument("--preset", help="base preset: default or tiny (a file's `preset:` key wins)")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.kl_coef=0.01")
+
+    t = sub.add_parser("train", help="run SFT -> RM -> PPO -> RLP-UML/SPG -> PPO and write a report")
+    common(t)
+    t.add_argument("--output-dir", help="where the report and checkpoints go (run.output_dir)")
+
+    e = sub.add_parser("eval", help="gold score and proxy reward of a saved policy on held-out prompts")
+    common(e)
+    e.add_argument("--policy", required=True, help="checkpoint directory of a policy (HF format)")
+    e.add_argument("--reward-model", help="checkpoint directory of a reward model (for the proxy reward)")
+
+    s = sub.add_parser("sample", help="print samples of a saved policy")
+    common(s)
+    s.add_argument("--policy", required=True, help="checkpoint directory of a policy (HF format)")
+    s.add_argument("--prompt", action="append", help="prompt text (repeatable); default: held-out prompts")
+    s.add_argument("-n", type=int, default=1, help="samples per prompt")
+    return p
+
+
+def _train(args, cfg) -> int:
+    from rlp_engine.engine.pipeline import run_pipeline
+
+    if args.output_dir:
+        cfg.run.output_dir = args.output_dir
+    report = run_pipeline(cfg)
+    print(f"[rlp-engine] report: {cfg.run.output_dir}/report.md ({report['total_seconds']:.1f} s)")
+    for name, row in report["policies"].items():
+        gold = "n/a" if row["gold"] is None else f"{row['gold']:.3f}"
+        print(f"  {name:8s} gold {gold}  proxy {row['proxy_reward']:.3f}")
+    for phase, t in report["throughput"].items():
+        rate, n, secs = t["tokens_per_s"], int(t["tokens"]), t["seconds"]
+        print(f"  {phase:10s} {rate:,.0f} tokens/s ({n:,} tokens in {secs:.1f} s)")
+    return 0
+
+
+def _load_saved(args, cfg):
+    from rlp_engine.models.heads import ScalarHeadModel
+    from rlp_engine.models.loading import load_policy, load_tokenizer
+
+    cfg.model.path, cfg.model.gguf_file = args.policy, None
+    tokenizer = load_tokenizer(cfg.model)
+    policy = load_policy(cfg.model, tokenizer).to(cfg.run.device).eval()
+    rm = None
+    if getattr(args, "reward_model", None):
+        rm = ScalarHeadModel.from_pretrained(args.reward_model).to(cfg.run.device).eval()
+    return tokenizer, policy, rm
+
+
+def _eval(args, cfg) -> int:
+    from rlp_engine.data.build import build_data
+    from rlp_engine.engine.evaluate import evaluate_policy
+
+    data = build_data(cfg.data, seed=cfg.run.seed)
+    tokenizer, policy, rm = _load_saved(args, cfg)
+    rms = {"rm": rm} if rm is not None else {}
+    ev = evaluate_policy(policy, tokenizer, data.eval_prompts, cfg.eval, cfg.data, rms, data.gold)
+    print(json.dumps(ev.summary(), indent=2))
+    return 0
+
+
+def _sample(args, cfg) -> int:
+    from rlp_engine.data.build import build_data
+    from rlp_engine.engine.generate import sample
+
+    tokenizer, policy, _ = _load_saved(args, cfg)
+    prompts = args.prompt or build_data(cfg.data, seed=cfg.run.seed).eval_prompts[:8]
+    s = sample(policy, tokenizer, prompts, cfg.eval, cfg.data, n=args.n)
+    for p, r in zip(s.prompts, s.responses):
+        print(json.dumps({"prompt": p, "response": r}))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, preset=args.preset)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"rlp-engine: config error: {err}", file=sys.stderr)
+        return 2
+    from rlp_engine.data.jsonl import DataError
+
+    handlers = {"train": _train, "eval": _eval, "sample": _sample}
+    try:
+        return handlers[args.command](args, cfg)
+    except (DataError, FileNotFoundError) as err:  # bad data or a missing model: no traceback needed
+        print(f"rlp-engine: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Scalar-head models (reward model, critic) and the RLP-UML Gaussian encoder.
+
+A `ScalarHeadModel` is an HF backbone (the causal LM's base model, without its LM head) plus a
+linear head on the last hidden state: per-token values for the critic, and the reward read at the
+last non-pad token for the reward model. The reward model is initialised from the SFT policy plus a
+fresh head; the critic from the reward model (head included).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HEAD_FILE = "scalar_head.pt"
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, so left padding does not shift them. [B, T] int64."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row (rows are left-padded prompt + response). [B]"""
+    t = attention_mask.shape[-1]
+    ar = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), ar, torch.zeros_like(ar)).amax(-1)
+
+
+class ScalarHeadModel(nn.Module):
+    """backbone (HF base model) + Linear(hidden, 1). Also the home of the UML encoder when attached."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+        self.encoder: GaussianEncoder | None = None
+
+    @classmethod
+    def from_causal_lm(cls, lm: nn.Module) -> ScalarHeadModel:
+        """A deep copy of `lm`'s base model plus a fresh scalar head."""
+        backbone = copy.deepcopy(lm.base_model)
+        return cls(backbone, lm.config.hidden_size)
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states [B, T, H]."""
+        out = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        )
+        return out.last_hidden_state
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per-position scalar outputs [B, T] (fp32)."""
+        return self.head(self.hidden(input_ids, attention_mask)).squeeze(-1).float()
+
+    def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden state at each row's last real token [B, H]."""
+        h = self.hidden(input_ids, attention_mask)
+        idx = last_token_index(attention_mask)
+        return h[torch.arange(h.shape[0], device=h.device), idx]
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Reward per sequence, read at the last real token [B] (fp32)."""
+        return self.head(self.final_hidden(input_ids, attention_mask)).squeeze(-1).float()
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """HF format for the backbone (save_pretrained) plus the head (and encoder) state dict."""
+        directory = Path(directory)
+        self.backbone.save_pretrained(directory)
+        extra = {"head": self.head.state_dict()}
+        if self.encoder is not None:
+            extra["encoder"] = self.encoder.state_dict()
+            (directory / "encoder.json").write_text(json.dumps(self.encoder.dims))
+        torch.save(extra, directory / HEAD_FILE)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> ScalarHeadModel:
+        from transformers import AutoModel
+
+        directory = Path(directory)
+        backbone = AutoModel.from_pretrained(directory)
+        model = cls(backbone, backbone.config.hidden_size)
+        state = torch.load(directory / HEAD_FILE, weights_only=True)
+        model.head.load_state_dict(state["head"])
+        if "encoder" in state:
+            dims = json.loads((directory / "encoder.json").read_text())
+            model.encoder = GaussianEncoder(**dims)
+            model.encoder.load_state_dict(state["encoder"])
+        return model
+
+
+class GaussianEncoder(nn.Module):
+    """RLP-UML's stochastic encoder and MI critic.
+
+    mu, logvar: two small MLPs on the reward model's final hidden state, giving N(mu, sigma^2) [N, D].
+    critic(z1, z2): a separable critic T = <g(z1), g(z2)> / sqrt(D) scoring a pair of views [N].
+    """
+
+    def __init__(self, hidden_size: int, latent_dim: int):
+        super().__init__()
+        self.dims = {"hidden_size": hidden_size, "latent_dim": latent_dim}
+        self.mu = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, latent_dim)
+        )
+        self.logvar = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, latent_dim)
+        )
+        self.proj = nn.Linear(latent_dim, latent_dim)
+        self.scale = latent_dim**-0.5
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [N, H] -> (mu [N, D], logvar [N, D]), fp32."""
+        h = h.float()
+        return self.mu(h), self.logvar(h).clamp(-8.0, 8.0)
+
+    def critic(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        """Scores [N] of pairs of latents z1, z2 [N, D]."""
+        return (self.proj(z1) * self.proj(z2)).sum(-1) * self.scale

@@ -1,0 +1,134 @@
+"""The embedded task (gold reward, simulated annotator, splits) and the JSONL readers."""
+
+import json
+
+import pytest
+
+from rlp_engine.config import load_config
+from rlp_engine.data import (
+    ArithmeticTask,
+    DataError,
+    extract_answer,
+    gold_score,
+    read_preferences,
+    read_prompts,
+    read_sft,
+)
+from rlp_engine.data.build import build_data
+
+
+def test_extract_answer():
+    assert extract_answer("19") == "19"
+    assert extract_answer(" 007 apples") == "7"
+    assert extract_answer("=19") is None
+    assert extract_answer("") is None
+
+
+@pytest.mark.parametrize(
+    "prompt, response, expected",
+    [
+        ("12+7=", "19", 1.0),  # exact
+        ("12+7=", "18", 0.25),  # "18" vs "19": 1 of 2 digits right -> 0.5 * 1/2
+        ("12+7=", "19+1", 0.5),  # right number, trailing text halves it
+        ("12+7=", "abc", 0.0),  # no number
+        ("5+5=", "9", 0.0),  # " 9" vs "10": no digit right
+        ("5+5=", "0", 0.25),  # " 0" vs "10": the units digit is right -> 0.5 * 1/2
+        ("5+5=", "110", 0.5 * 2 / 3),  # "110" vs " 10": two of three right-aligned digits
+    ],
+)
+def test_gold_score_hand_worked(prompt, response, expected):
+    assert gold_score(prompt, response) == pytest.approx(expected)
+
+
+def test_task_splits_are_disjoint_and_deterministic():
+    task = ArithmeticTask(max_operand=9, seed=3)
+    assert set(task.eval_pairs).isdisjoint(task.train_pairs)
+    assert len(task.eval_pairs) + len(task.train_pairs) == 100
+    evals = set(task.eval_prompts(1000))
+    assert evals.isdisjoint(task.unlabeled_prompts(200, seed=0))
+    assert evals.isdisjoint(e.prompt for e in task.sft_examples(200, 0.3, seed=0))
+    assert task.unlabeled_prompts(5, seed=1) == ArithmeticTask(max_operand=9, seed=3).unlabeled_prompts(
+        5, seed=1
+    )
+
+
+def test_sft_noise_share_is_respected():
+    task = ArithmeticTask(max_operand=20)
+    ex = task.sft_examples(2000, noise=0.3, seed=0)
+    wrong = sum(gold_score(e.prompt, e.response) < 1.0 for e in ex) / len(ex)
+    assert 0.25 < wrong < 0.35
+
+
+def test_annotator_follows_gold_up_to_label_noise():
+    task = ArithmeticTask(max_operand=20)
+    clean = task.preferences(400, label_noise=0.0, seed=0)
+    assert all(gold_score(p.prompt, p.chosen) >= gold_score(p.prompt, p.rejected) for p in clean)
+    noisy = task.preferences(2000, label_noise=0.2, seed=0)
+    agree = sum(gold_score(p.prompt, p.chosen) > gold_score(p.prompt, p.rejected) for p in noisy)
+    ties = sum(gold_score(p.prompt, p.chosen) == gold_score(p.prompt, p.rejected) for p in noisy)
+    # Strictly ordered pairs agree with gold 80% of the time (ties excluded from the count).
+    assert 0.75 < agree / (len(noisy) - ties) < 0.85
+
+
+def _write(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_read_sft_both_forms(tmp_path):
+    f = _write(
+        tmp_path / "sft.jsonl",
+        [{"instruction": "Add.", "input": "1+2", "output": "3"}, {"prompt": "4+4=", "response": "8"}, ""],
+    )
+    ex = read_sft(f)
+    assert len(ex) == 2
+    assert "### Instruction:\nAdd.\n\n### Input:\n1+2" in ex[0].prompt and ex[0].response == "3"
+    assert (ex[1].prompt, ex[1].response) == ("4+4=", "8")
+
+
+def test_read_preferences_alpacafarm_and_chosen_rejected(tmp_path):
+    f = _write(
+        tmp_path / "pref.jsonl",
+        [
+            {"instruction": "Say hi", "input": "", "output_1": "hi", "output_2": "bye", "preference": 2},
+            {"prompt": "1+1=", "chosen": "2", "rejected": "3"},
+        ],
+    )
+    p = read_preferences(f)
+    assert (p[0].chosen, p[0].rejected) == ("bye", "hi")  # preference 2 -> output_2 wins
+    assert "### Instruction:\nSay hi\n\n### Response:\n" in p[0].prompt
+    assert (p[1].prompt, p[1].chosen, p[1].rejected) == ("1+1=", "2", "3")
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    f = _write(tmp_path / "bad.jsonl", [{"prompt": "1+1="}, "{not json"])
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
+        read_prompts(f)
+    f = _write(tmp_path / "bad2.jsonl", [{"prompt": "x", "chosen": "a"}])
+    with pytest.raises(DataError, match=r"bad2\.jsonl:1: field 'rejected' must be a string \(missing\)"):
+        read_preferences(f)
+    f = _write(
+        tmp_path / "bad3.jsonl", [{"instruction": "x", "output_1": "a", "output_2": "b", "preference": 3}]
+    )
+    with pytest.raises(DataError, match=r"bad3\.jsonl:1: field 'preference' must be 1 or 2, got 3"):
+        read_preferences(f)
+    f = _write(tmp_path / "bad4.jsonl", [{"prompt": "x", "response": "y"}, "[1, 2]"])
+    with pytest.raises(DataError, match=r"bad4\.jsonl:2: expected a JSON object, got list"):
+        read_sft(f)
+    with pytest.raises(DataError, match="no such file"):
+        read_sft(tmp_path / "missing.jsonl")
+
+
+def test_build_data_from_jsonl_without_gold(tmp_path):
+    sft = _write(tmp_path / "sft.jsonl", [{"prompt": "a", "response": "b"}])
+    pref = _write(tmp_path / "pref.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "q"}])
+    cfg = load_config(
+        overrides=[f"data.sft_path={sft}", f"data.pref_path={pref}", f"data.prompts_path={prompts}"]
+    )
+    cfg.data.task = "none"
+    with pytest.raises(DataError, match="data.eval_path"):
+        build_data(cfg.data)
+    cfg.data.eval_path = str(prompts)
+    data = build_data(cfg.data)
+    assert data.gold is None and data.prompts == ["q"] and data.preferences[0].rejected == "c"

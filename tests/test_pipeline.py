@@ -1,0 +1,79 @@
+"""The `rlp-engine` command end to end on the tiny preset, and its error paths."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlp_engine.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    rc = main(
+        ["train", "--preset", "tiny", "--output-dir", str(out), "run.threads=1", "run.tensorboard=true"]
+    )
+    assert rc == 0
+    return out
+
+
+def test_train_writes_report_curves_metrics_and_checkpoints(tiny_run):
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert set(report["policies"]) == {"sft", "ppo", "rlp_uml", "rlp_spg"}
+    for row in report["policies"].values():
+        assert 0.0 <= row["gold"] <= 1.0 and row["proxy_reward"] is not None
+    assert set(report["reward_models"]) == {"rm", "rm_uml", "rm_spg"}
+    for row in report["reward_models"].values():
+        assert set(row["on_policy_accuracy"]) >= {"sft", "ppo", "rlp_uml", "rlp_spg", "all", "pairs"}
+        assert 0.0 <= row["offline_accuracy"] <= 1.0
+    stages = ("sft", "rm", "ppo", "sample", "rm_uml", "ppo_uml", "rm_spg", "ppo_spg", "eval")
+    assert list(report["stage_seconds"]) == list(stages)
+    assert set(report["throughput"]) == {"generation", "scoring", "training"}
+    assert all(v["tokens"] > 0 for v in report["throughput"].values())
+    md = (tiny_run / "report.md").read_text()
+    assert "| RLP-SPG |" in md and "tokens/s" in md
+    assert (tiny_run / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    lines = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert {x["stage"] for x in lines} == {"sft", "rm", "ppo", "rm_uml", "ppo_uml", "rm_spg", "ppo_spg"}
+    assert any(x["stage"] == "rm_uml" and "mi" in x for x in lines)
+    assert any((tiny_run / "tb").iterdir())
+    for name in ("sft", "ppo", "ppo_uml", "ppo_spg"):
+        assert (tiny_run / "checkpoints" / name / "config.json").is_file()
+        assert (tiny_run / "checkpoints" / name / "tokenizer.json").is_file()
+    for name in ("rm", "rm_uml", "rm_spg"):
+        assert (tiny_run / "checkpoints" / name / "scalar_head.pt").is_file()
+
+
+def test_eval_and_sample_a_saved_policy(tiny_run, capsys):
+    ckpt = tiny_run / "checkpoints"
+    rc = main(["eval", "--preset", "tiny", "--policy", str(ckpt / "ppo"), "--reward-model", str(ckpt / "rm")])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert 0.0 <= summary["gold"] <= 1.0 and "rm" in summary["proxy_reward_by_rm"]
+    rc = main(["sample", "--preset", "tiny", "--policy", str(ckpt / "sft"), "--prompt", "3+4=", "-n", "2"])
+    assert rc == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["3+4=", "3+4="]
+
+
+def test_console_script_rejects_bad_config(tmp_path):
+    exe = shutil.which("rlp-engine") or str(Path(sys.executable).parent / "rlp-engine")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo:\n  clip_ratio: 0.3\n")
+    res = subprocess.run([exe, "train", "--config", str(bad)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "bad.yaml: ppo.clip_ratio: unknown key" in res.stderr
+    res = subprocess.run([exe, "train", "sft.steps=ten"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "sft.steps: expected int, got str 'ten'" in res.stderr
+
+
+def test_train_rejects_malformed_jsonl_naming_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": "2+2=", "response": 4}\n')
+    rc = main(["train", "--preset", "tiny", "--output-dir", str(tmp_path / "out"), f"data.sft_path={bad}"])
+    assert rc == 2
+    assert "sft.jsonl:2: field 'response' must be a string (int)" in capsys.readouterr().err
