@@ -45,3 +45,19 @@ def test_logprobs_threaded_is_bitwise_single_threaded(threads):
     with ops.backend("cpp"):
         one, many = _both(threads, run)
     assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+def test_ppo_losses_threaded_are_bitwise_single_threaded(threads):
+    lp = torch.randn(83, 257, requires_grad=True)
+    old, adv = lp.detach() + 0.2 * torch.randn(83, 257), torch.randn(83, 257)
+    mask = torch.rand(83, 257) > 0.3
+
+    def run():
+        loss, m = ops.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0, agg="seq-mean-token-mean")
+        vloss, _ = ops.ppo_value_loss(lp, old, adv, mask)
+        (grad,) = torch.autograd.grad(loss + vloss, lp)
+        return loss, vloss, grad, m["clipfrac"], m["approx_kl"]
+
+    with ops.backend("cpp"):
+        one, many = _both(threads, run)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
