@@ -2,16 +2,15 @@
 // r = logprob - ref_logprob; kinds k1, abs, k2, k3, k1_nonneg (aliases kl, mse, low_var_kl) and a
 // "+" suffix (value of the estimator, gradient of k2). Inputs share one floating dtype; the kernels
 // compute and return fp32 (fp64 for fp64 inputs).
-// Without trapping math GCC may if-convert the compares and selects below; with it (the default) it
-// leaves these loops scalar and branchy: 19 ms -> 2.2 ms per 1M tokens for the value loss on one core.
-// It must precede the includes: functions compiled with different options are not inlined together.
-#pragma GCC optimize("no-trapping-math")
+// The loops rely on -fno-trapping-math (setup.py): with GCC's default trapping math it leaves the
+// compares and selects scalar and branchy (19 ms -> 2.2 ms per 1M tokens for the value loss, one core).
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <string>
 
 #include "common.h"
+#include "vec_math.h"
 
 namespace {
 
@@ -43,30 +42,6 @@ ParsedKind parse_kind(const std::string& kind) {
   return {k, plus && k != Kind::K2};
 }
 
-// exp on [-20, 20] (the estimators clamp first) that the compiler can vectorise, unlike libm's expf:
-// 2^n * exp(f) with |f| <= ln2/2 and a degree-7 Taylor polynomial (truncation < 6e-9 relative,
-// about 1-2 ulp overall). fp64 keeps std::exp: it is the reference-precision path.
-inline float exp_small(float x) {
-  // n = round(x / ln2) by the 1.5 * 2^23 shifter: std::floor compiled to a libm call, which kept the
-  // loop scalar (k3 estimator: about 20 ns -> 2.4 ns a token on one core)
-  const float shifter = 12582912.0f;
-  const float t = std::fma(x, 1.44269504088896341f, shifter);
-  const float n = t - shifter;
-  const int32_t ni = std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(shifter);
-  float f = std::fma(n, -0.693145751953125f, x);
-  f = std::fma(n, -1.428606765330187045e-06f, f);
-  float p = 1.0f / 5040.0f;
-  p = std::fma(p, f, 1.0f / 720.0f);
-  p = std::fma(p, f, 1.0f / 120.0f);
-  p = std::fma(p, f, 1.0f / 24.0f);
-  p = std::fma(p, f, 1.0f / 6.0f);
-  p = std::fma(p, f, 0.5f);
-  p = std::fma(p, f, 1.0f);
-  p = std::fma(p, f, 1.0f);
-  return p * std::bit_cast<float>((ni + 127) << 23);
-}
-inline double exp_small(double x) { return std::exp(x); }
-
 template <Kind K, typename T>
 inline T kl_value(T r) {
   if constexpr (K == Kind::K1) {
@@ -77,7 +52,7 @@ inline T kl_value(T r) {
     return T(0.5) * r * r;
   } else if constexpr (K == Kind::K3) {
     T k = std::min(std::max(-r, T(-20)), T(20));
-    return std::min(exp_small(k) - k - T(1), T(10));  // exp(k) - k - 1 >= 0: the lower clamp never acts
+    return std::min(rlp::exp_vec(k) - k - T(1), T(10));  // exp(k) - k - 1 >= 0: the lower clamp never acts
   } else {
     return std::max(r, T(0));
   }
@@ -96,7 +71,7 @@ inline T kl_dvalue(T r) {
   } else if constexpr (K == Kind::K3) {
     T k = -r;
     T kc = std::min(std::max(k, T(-20)), T(20));
-    T ek = exp_small(kc);
+    T ek = rlp::exp_vec(kc);
     bool inside = k >= T(-20) && k <= T(20) && ek - kc - T(1) <= T(10);
     return inside ? T(1) - ek : T(0);
   } else {

@@ -12,24 +12,9 @@
 #include <type_traits>
 
 #include "common.h"
+#include "vec_math.h"
 
 namespace {
-
-// exp(x) for -88 <= x <= 88, about 2 ulp: Cody-Waite range reduction and Cephes' degree-6
-// polynomial in plain float/int arithmetic, so GCC vectorises the loops that call it (std::exp is a
-// libm call that stays scalar without -ffast-math). At -88 the 2**n bits reach 0: exp(-88) == 0.
-inline float exp_vec(float x) {
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  return y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);  // y * 2**n
-}
 
 // Every exponent is clamped below at -88 (p = 0 there; p * log p stays 0, not nan, for -inf logits).
 // The bound is read through a volatile once per row: with a compile-time constant GCC folds
@@ -67,7 +52,7 @@ RowStats row_forward(const scalar_t* __restrict__ x, int64_t V, float inv_t) {
 #pragma omp simd reduction(+ : s, t)
   for (int64_t v = 0; v < V; ++v) {
     const float d = std::max(static_cast<float>(x[v]) * inv_t - m, lo);
-    const float e = exp_vec(d);
+    const float e = rlp::exp_vec(d);
     s += e;
     if constexpr (kEntropy) t += e * d;
   }
@@ -79,7 +64,7 @@ RowStats row_forward(const scalar_t* __restrict__ x, int64_t V, float inv_t) {
 template <bool kEntropy>
 inline float column_grad(float z, float onehot, float lse, float g_lp, float g_h, float h, float lo) {
   const float logp = std::max(z - lse, lo);
-  const float p = exp_vec(logp);
+  const float p = rlp::exp_vec(logp);
   float g = g_lp * (onehot - p);
   if constexpr (kEntropy) g -= g_h * p * (logp + h);
   return g;

@@ -6,10 +6,8 @@
 // Gradient conventions are torch autograd's for the composite: clamp passes the gradient on its
 // closed interval, max/min split it in half on ties. Masked-out tokens (mask == 0) are never read
 // into a result (selects, not multiplies, so NaN there cannot leak).
-// Without trapping math GCC may if-convert the compares and selects below; with it (the default) it
-// leaves these loops scalar and branchy: 19 ms -> 2.2 ms per 1M tokens for the value loss on one core.
-// It must precede the includes: functions compiled with different options are not inlined together.
-#pragma GCC optimize("no-trapping-math")
+// The loops rely on -fno-trapping-math (setup.py): with GCC's default trapping math it leaves the
+// compares and selects scalar and branchy (19 ms -> 2.2 ms per 1M tokens for the value loss, one core).
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -17,31 +15,10 @@
 #include <tuple>
 
 #include "common.h"
+#include "vec_math.h"
 
 namespace {
 
-// Vectorisable exp on [-20, 20] (the ratio is exp of a clamped log-ratio): 2^n * exp(f), |f| <= ln2/2,
-// degree-7 Taylor polynomial (truncation < 6e-9 relative, about 1-2 ulp). fp64 keeps std::exp.
-inline float exp_small(float x) {
-  // n = round(x / ln2) by the 1.5 * 2^23 shifter: std::floor compiled to a libm call, which kept the
-  // loop scalar (k3 estimator: about 20 ns -> 2.4 ns a token on one core)
-  const float shifter = 12582912.0f;
-  const float t = std::fma(x, 1.44269504088896341f, shifter);
-  const float n = t - shifter;
-  const int32_t ni = std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(shifter);
-  float f = std::fma(n, -0.693145751953125f, x);
-  f = std::fma(n, -1.428606765330187045e-06f, f);
-  float p = 1.0f / 5040.0f;
-  p = std::fma(p, f, 1.0f / 720.0f);
-  p = std::fma(p, f, 1.0f / 120.0f);
-  p = std::fma(p, f, 1.0f / 24.0f);
-  p = std::fma(p, f, 1.0f / 6.0f);
-  p = std::fma(p, f, 0.5f);
-  p = std::fma(p, f, 1.0f);
-  p = std::fma(p, f, 1.0f);
-  return p * std::bit_cast<float>((ni + 127) << 23);
-}
-inline double exp_small(double x) { return std::exp(x); }
 
 // min/max by value: std::min/max return references, and on loop-invariant bounds GCC turned them into
 // masked loads it cannot vectorise (the policy loop stayed scalar: 51 ms -> 7.7 ms per 1M tokens, one core).
@@ -81,7 +58,7 @@ void policy_rows(const in_t* lp, const in_t* old, const in_t* adv, const uint8_t
       const acc_t x = static_cast<acc_t>(lp[o + t]) - static_cast<acc_t>(old[o + t]);
       const acc_t nk = vmin(vmax(x, acc_t(-20)), acc_t(20));
       const acc_t dnk = (x >= acc_t(-20) && x <= acc_t(20)) ? acc_t(1) : acc_t(0);
-      const acc_t rho = exp_small(nk);
+      const acc_t rho = rlp::exp_vec(nk);
       const acc_t rc = vmin(vmax(rho, lo), hi);
       const acc_t u = -a * rho, v = -a * rc;
       const acc_t du = u * dnk;
