@@ -6,6 +6,8 @@
 
 `train` runs the whole RLP pipeline (embedded arithmetic task when no config is given) and writes
 DIR/report.json, DIR/report.md, DIR/training_curves.png, DIR/metrics.jsonl and checkpoints.
+Under torchrun (`torchrun --nproc_per_node N -m rlp_engine.cli train ...`) `train` runs as one
+SPMD program over the N ranks; rank 0 writes the outputs and prints the summary.
 """
 
 from __future__ import annotations
@@ -44,11 +46,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args, cfg) -> int:
+    from rlp_engine.engine.distributed import shutdown
     from rlp_engine.engine.pipeline import run_pipeline
 
     if args.output_dir:
         cfg.run.output_dir = args.output_dir
     report = run_pipeline(cfg)
+    shutdown()  # destroys the process group under torchrun; nothing single-process
+    if not report:  # a rank other than 0: rank 0 reports
+        return 0
     print(f"[rlp-engine] report: {cfg.run.output_dir}/report.md ({report['total_seconds']:.1f} s)")
     for name, row in report["policies"].items():
         gold = "n/a" if row["gold"] is None else f"{row['gold']:.3f}"

@@ -113,6 +113,8 @@ class PPOConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    # train -> generate switch: the actor's weights stream into the generation model in buckets
+    sync_bucket_mb: float = 64.0
 
 
 @dataclass
@@ -175,6 +177,8 @@ class RunConfig:
     progress: bool = True
     stages: str = "all"  # "all", or a comma list among sft,rm,ppo,uml,spg
     backend: str = "auto"  # ops backend: "auto" (per device), or forced "torch", "cpp", "triton"
+    # under torchrun: bound on every collective (other ranks wait at a barrier while rank 0 evaluates)
+    dist_timeout_s: float = 1800.0
 
 
 @dataclass

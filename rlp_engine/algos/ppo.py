@@ -1,5 +1,9 @@
 """Stages 3 and 6: PPO from the SFT policy against a reward model (AlpacaFarm's recipe).
 
+Old log-probs: the trainer recomputes them with the actor by teacher forcing in the scoring phase
+(`make_experience`), so the PPO ratio starts at exactly 1; the rollout generator's own log-probs
+(same definition: temperature-scaled, before top-k/top-p) are only compared, as `gen_logprob_gap`.
+
 One iteration (`ppo_step`): rollout (sample responses) -> scoring (old and reference log-probs,
 values, sequence scores, KL-shaped token rewards, GAE, whitening) -> training (clipped policy and
 value losses over minibatches for a few epochs). All loss math goes through `rlp_engine.ops`.
@@ -14,8 +18,11 @@ import torch
 
 from rlp_engine import ops
 from rlp_engine.engine.batch import SeqBatch
+from rlp_engine.engine.distributed import all_reduce_grads, rank_and_world, shard
 from rlp_engine.engine.generate import sample
 from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress, to_float
+from rlp_engine.engine.offload import offloaded
+from rlp_engine.engine.reshard import sync_to_module
 from rlp_engine.models.heads import ScalarHeadModel
 from rlp_engine.models.policy import response_logprobs
 
@@ -33,6 +40,7 @@ class PPOState:
     cfg: object  # PPOConfig
     data_cfg: object  # DataConfig
     generator: torch.Generator
+    gen_model: torch.nn.Module  # generation copy of the actor, refreshed by sync_weights each rollout
 
 
 @dataclass
@@ -59,7 +67,8 @@ def init_ppo(policy, reward_model: ScalarHeadModel, tokenizer, cfg, data_cfg, se
     params = list(actor.parameters()) + list(critic.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    return PPOState(actor, critic, ref, reward_model, tokenizer, opt, cfg, data_cfg, gen)
+    gen_model = copy.deepcopy(policy).eval().requires_grad_(False)
+    return PPOState(actor, critic, ref, reward_model, tokenizer, opt, cfg, data_cfg, gen, gen_model)
 
 
 def critic_values(critic: ScalarHeadModel, batch: SeqBatch) -> torch.Tensor:
@@ -154,17 +163,19 @@ def train_on_experience(state: PPOState, exp: Experience, throughput: Throughput
     """cfg.ppo_epochs passes over `exp` in shuffled minibatches; metrics averaged over minibatches."""
     cfg = state.cfg
     n = len(exp.batch)
+    mini = cfg.mini_batch_size // rank_and_world()[1]  # this rank's share of each global minibatch
     params = [p for g in state.optimizer.param_groups for p in g["params"]]
     sums: dict[str, float] = {}
     count = 0
     with throughput.phase("training") as rec:
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n, generator=state.generator)
-            for start in range(0, n, cfg.mini_batch_size):
-                idx = perm[start : start + cfg.mini_batch_size].to(exp.batch.input_ids.device)
+            for start in range(0, n, mini):
+                idx = perm[start : start + mini].to(exp.batch.input_ids.device)
                 loss, metrics = ppo_losses(state, exp, idx)
                 state.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                all_reduce_grads(params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 state.optimizer.step()
                 metrics = {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}
@@ -186,9 +197,13 @@ def ppo_step(
     given, for monitoring only).
     """
     throughput = throughput or Throughput()
-    with throughput.phase("generation") as rec:
-        samples = sample(state.actor, state.tokenizer, prompts, state.cfg, state.data_cfg, n=1)
-        rec["tokens"] = int(samples.batch.response_mask.sum())
+    # train -> generate switch: training state offloaded (a recorded no-op on CPU), the actor's
+    # weights streamed into the generation model in buckets, generation, then reload.
+    with offloaded(state.actor, state.optimizer):
+        switch = sync_to_module(state.actor, state.gen_model, bucket_mb=state.cfg.sync_bucket_mb)
+        with throughput.phase("generation") as rec:
+            samples = sample(state.gen_model, state.tokenizer, prompts, state.cfg, state.data_cfg, n=1)
+            rec["tokens"] = int(samples.batch.response_mask.sum())
     exp = make_experience(state, samples.batch, throughput)
     metrics = train_on_experience(state, exp, throughput)
     mask = exp.batch.response_mask
@@ -197,6 +212,11 @@ def ppo_step(
         kl=to_float(exp.kl.sum(-1)),
         response_len=to_float(mask.sum(-1)),
         truncated=to_float(samples.truncated.float()),
+        # generator vs trainer log-probs of the same tokens (the trainer's are the ones PPO uses)
+        gen_logprob_gap=to_float(ops.masked_mean((samples.logprobs - exp.old_logprobs).abs(), mask)),
+        switch_seconds=switch.seconds,
+        switch_bytes=switch.bytes,
+        switch_buckets=switch.buckets,
     )
     if gold is not None:
         metrics["gold"] = sum(gold(p, r) for p, r in zip(samples.prompts, samples.responses)) / len(prompts)
@@ -224,16 +244,22 @@ def ppo(
     `gold(prompt, response)`, when given, is logged on the rollouts (never used for training)."""
     logger = logger or MetricsLogger()
     throughput = throughput or Throughput()
-    torch.manual_seed(seed)
+    rank, world = rank_and_world()
+    size = min(cfg.rollout_batch_size, len(prompts))
+    if size % world or cfg.mini_batch_size % world:
+        raise ValueError(
+            f"ppo: rollout batch {size} and mini_batch_size {cfg.mini_batch_size} must be multiples "
+            f"of the world size {world} (every rank takes an equal share)"
+        )
+    torch.manual_seed(seed + rank)  # the same weights everywhere (copied), different sampling noise
     state = init_ppo(policy, reward_model, tokenizer, cfg, data_cfg, seed=seed)
     order = torch.randperm(len(prompts), generator=state.generator).tolist()
     pos = 0
-    size = min(cfg.rollout_batch_size, len(prompts))
     for step in progress(range(cfg.steps), desc=stage, enabled=show_progress):
         if pos + size > len(order):
             order = torch.randperm(len(prompts), generator=state.generator).tolist()
             pos = 0
-        batch_prompts = [prompts[i] for i in order[pos : pos + size]]
+        batch_prompts = shard([prompts[i] for i in order[pos : pos + size]])  # this rank's share
         pos += size
         metrics = ppo_step(state, batch_prompts, throughput, gold)
         if step % log_every == 0 or step == cfg.steps - 1:

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from rlp_engine.data.records import Preference
 from rlp_engine.engine.batch import Encoded, SeqBatch, join, make_batch, pad_left, pad_right
+from rlp_engine.engine.distributed import all_reduce_grads, shard
+from rlp_engine.engine.fsdp import broadcast_module
 from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress
 from rlp_engine.models.heads import ScalarHeadModel
 
@@ -68,11 +70,13 @@ def train_reward_model(
     device = next(rm.parameters()).device
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=getattr(cfg, "weight_decay", 0.0))
     gen = torch.Generator().manual_seed(seed)
+    # identical starting weights on every rank: fresh heads come from each rank's random state
+    broadcast_module(rm)
     rm.train()
     last: dict[str, float] = {}
     for step in progress(range(cfg.steps), desc=stage, enabled=show_progress):
         idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=gen)
-        batch = data.batch(idx).to(device)
+        batch = data.batch(shard(idx)).to(device)  # this rank's share of the global batch
         with throughput.phase("training") as rec:
             r_w, r_l = pair_rewards(rm, batch)
             loss = bt_loss(r_w, r_l)
@@ -83,6 +87,7 @@ def train_reward_model(
                 metrics.update(extra_metrics)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            all_reduce_grads(rm.parameters())
             torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
             opt.step()
             rec["tokens"] = batch.num_tokens()

@@ -23,6 +23,7 @@ from rlp_engine.algos.reward import score_texts, train_reward_model
 from rlp_engine.data.records import Preference
 from rlp_engine.data.task import extract_answer
 from rlp_engine.engine.batch import Encoded
+from rlp_engine.engine.distributed import gather_lists, shard
 from rlp_engine.engine.generate import sample
 from rlp_engine.models.heads import GaussianEncoder, ScalarHeadModel
 
@@ -36,15 +37,18 @@ class PolicySamples:
 
 
 def sample_policy(policy, tokenizer, prompts: list[str], cfg, data_cfg, throughput=None) -> PolicySamples:
-    """cfg.n responses per prompt from `policy` (cfg: SampleConfig: n, temperature, top_k, top_p)."""
+    """cfg.n responses per prompt from `policy` (cfg: SampleConfig: n, temperature, top_k, top_p).
+    Under torchrun each rank samples its contiguous share of the prompts and every rank gets all."""
+    local = shard(prompts)
     if throughput is None:
-        s = sample(policy, tokenizer, prompts, cfg, data_cfg, n=cfg.n)
+        s = sample(policy, tokenizer, local, cfg, data_cfg, n=cfg.n)
     else:
         with throughput.phase("generation") as rec:
-            s = sample(policy, tokenizer, prompts, cfg, data_cfg, n=cfg.n)
+            s = sample(policy, tokenizer, local, cfg, data_cfg, n=cfg.n)
             rec["tokens"] = int(s.batch.response_mask.sum())
     n = cfg.n
-    return PolicySamples(prompts, [s.responses[i * n : (i + 1) * n] for i in range(len(prompts))])
+    responses = gather_lists([s.responses[i * n : (i + 1) * n] for i in range(len(local))])
+    return PolicySamples(prompts, responses)
 
 
 def final_answer_key(response: str, index: int) -> Hashable:
@@ -182,7 +186,7 @@ def ib_loss_fn(
     device = next(rm.parameters()).device
 
     def extra_loss(step: int):
-        idx = torch.randint(len(views), (min(batch_size, len(views)),), generator=gen)
+        idx = shard(torch.randint(len(views), (min(batch_size, len(views)),), generator=gen))
         b1, b2 = views.view1.batch(idx).to(device), views.view2.batch(idx).to(device)
         mu1, logvar1 = rm.encoder(rm.final_hidden(b1.input_ids, b1.attention_mask))
         mu2, logvar2 = rm.encoder(rm.final_hidden(b2.input_ids, b2.attention_mask))

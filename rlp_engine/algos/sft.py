@@ -1,4 +1,7 @@
-"""Stage 1: supervised fine-tuning on demonstrations (mean token log-likelihood of the responses)."""
+"""Stage 1: supervised fine-tuning on demonstrations (mean token log-likelihood of the responses).
+
+Data parallel under torchrun: every rank draws the same global batch of indices and trains on its
+contiguous share; gradients are averaged over ranks before clipping (engine.distributed)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import torch
 from rlp_engine import ops
 from rlp_engine.data.records import Example
 from rlp_engine.engine.batch import Encoded, SeqBatch
+from rlp_engine.engine.distributed import all_reduce_grads, shard
+from rlp_engine.engine.fsdp import broadcast_module
 from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress
 from rlp_engine.models.policy import response_logprobs
 
@@ -50,15 +55,17 @@ def sft(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup_steps))
     gen = torch.Generator().manual_seed(seed)
+    broadcast_module(model)  # identical starting weights on every rank (no-op single-process)
     model.train()
     last: dict[str, float] = {}
     for step in progress(range(cfg.steps), desc=stage, enabled=show_progress):
         idx = torch.randint(len(enc), (cfg.batch_size,), generator=gen)
-        batch = enc.batch(idx).to(device)
+        batch = enc.batch(shard(idx)).to(device)
         with throughput.phase("training") as rec:
             loss = sft_loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            all_reduce_grads(model.parameters())
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()

@@ -8,6 +8,11 @@ Failure handling: collectives time out after `timeout_s`, and an excepthook (ins
 `init_distributed`) prints which rank failed, tears the process group down and exits non-zero, so
 one rank's exception never leaves the others waiting forever (torchrun then stops the rest; ranks
 started another way leave their next collective by timeout).
+
+Data parallelism for the pipeline (explicit, no wrapper): `shard` gives a rank its contiguous share
+of a global batch, `all_reduce_grads` averages gradients in one flat all-reduce, `mean_over_ranks`
+and `gather_lists` combine metrics and samples, `check_replicas` verifies the ranks' weights agree.
+All are no-ops (or local results) single-process.
 """
 
 from __future__ import annotations
@@ -142,3 +147,99 @@ def shutdown() -> None:
     """Clean exit: destroy the process group if one exists."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# Data-parallel helpers for the pipeline's stages. Every function is the identity (or a plain
+# local result) without a process group, so single-process code paths stay unchanged.
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default group, (0, 1) without one."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def comm_device() -> torch.device:
+    """Where small host values go for a collective: NCCL only moves CUDA tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shard_bounds(n: int) -> tuple[int, int]:
+    """[start, end) of this rank's contiguous share of n items (sizes differ by at most one)."""
+    rank, world = rank_and_world()
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def shard(items):
+    """This rank's contiguous share of a list or tensor (the whole thing single-process)."""
+    start, end = shard_bounds(len(items))
+    return items[start:end]
+
+
+def all_reduce_grads(params) -> None:
+    """Average the gradients of `params` over ranks in one flat all-reduce (explicit data
+    parallelism: every rank then applies the same update to identical weights). A parameter
+    without a gradient on this rank counts as zero, so every rank sends the same layout."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Mean of each float over ranks (keys must be the same on every rank; sorted for the order)."""
+    if rank_and_world()[1] == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return {k: float(v) for k, v in zip(keys, t.cpu().tolist())}
+
+
+def gather_lists(items: list) -> list:
+    """Concatenation of every rank's list in rank order (inverse of `shard` on a list)."""
+    if rank_and_world()[1] == 1:
+        return list(items)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
+def check_replicas(model, what: str = "model") -> None:
+    """Raise if this rank's weights differ from rank 0's (explicit data parallelism keeps them
+    bitwise equal; a mismatch means a rank trained on something else). One float64 checksum."""
+    if rank_and_world()[1] == 1:
+        return
+    with torch.no_grad():
+        total = sum((p.detach().double() * (i % 7 + 1)).sum() for i, p in enumerate(model.parameters()))
+        mine = torch.tensor([float(total)], dtype=torch.float64, device=comm_device())
+    ref = mine.clone()
+    dist.broadcast(ref, src=0)
+    if not torch.equal(mine, ref):
+        raise RuntimeError(
+            f"{what}: weights on rank {dist.get_rank()} differ from rank 0 "
+            f"(checksum {mine.item()!r} vs {ref.item()!r}; ranks must start and train identically)"
+        )

@@ -1,5 +1,13 @@
 """Batched sampling from a causal LM: temperature, top-k, top-p, stop at eos. Returns the tokens as a
-SeqBatch, the sampled tokens' log-probs under the sampling distribution, and the decoded texts."""
+SeqBatch, the sampled tokens' log-probs, and the decoded texts.
+
+Rollouts run on the built-in static-KV-cache generator (rlp_engine.engine.generator); one Generator
+(and its cache) is kept per model and reused while the batch fits. The log-probs are the generator's
+"scaled" ones: log_softmax(logits / temperature)[token] before top-k/top-p filtering, i.e. the
+quantity a trainer recomputes by teacher forcing (`response_logprobs(..., temperature=T)`).
+PPO does not train on them: it recomputes its old log-probs with the actor in the scoring phase
+(so the first ratio is exactly 1 whatever the generator's numerics) and logs the mean absolute
+gap to these as `gen_logprob_gap` (the size a truncated-IS correction would have to absorb)."""
 
 from __future__ import annotations
 
@@ -7,8 +15,19 @@ from dataclasses import dataclass
 
 import torch
 
-from rlp_engine import ops
 from rlp_engine.engine.batch import SeqBatch, encode_prompts, join, pad_left
+from rlp_engine.engine.generator import Generator, SamplingConfig
+
+
+class _GeneratorSlot:
+    """Holds a model's Generator on the model itself (so it lives and dies with the model); a
+    deepcopy of the model (PPO's actor, reference) starts with an empty slot, not a copied cache."""
+
+    def __init__(self, gen: Generator | None = None):
+        self.gen = gen
+
+    def __deepcopy__(self, memo):
+        return _GeneratorSlot()
 
 
 @dataclass
@@ -28,31 +47,30 @@ def response_mask_from_eos(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (before == 0).float()
 
 
+def generator_for(model, max_len: int) -> Generator:
+    """The cached Generator of `model`, rebuilt when a longer max_len is needed."""
+    slot = model.__dict__.get("_rlp_generator")
+    if slot is None or slot.gen is None or slot.gen.max_len < max_len:
+        slot = _GeneratorSlot(Generator(model, max_len))
+        model.__dict__["_rlp_generator"] = slot  # a plain attribute: not a submodule, not in state_dict
+    return slot.gen
+
+
 @torch.no_grad()
-def _sample_chunk(model, tokenizer, prompt_ids: list[list[int]], cfg, max_new_tokens: int):
+def _sample_chunk(model, tokenizer, prompt_ids: list[list[int]], cfg, max_new_tokens: int, max_len: int):
     ids, mask = pad_left(prompt_ids, tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        do_sample=True,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k if cfg.top_k > 0 else None,
-        top_p=cfg.top_p,
+    sampling = SamplingConfig(
         max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=max(cfg.top_k, 0),
+        eos_token_ids=(tokenizer.eos_token_id,),
         pad_token_id=tokenizer.pad_token_id,
-        return_dict_in_generate=True,
-        output_scores=True,
+        logprobs_mode="scaled",
     )
-    tokens = out.sequences[:, ids.shape[1] :]  # (B, R)
-    # out.scores are the processed (temperature / top-k / top-p) logits the tokens were drawn from.
-    scores = torch.stack(out.scores, dim=1).float()  # (B, R, V)
-    logprobs = ops.logprobs_from_logits(scores, tokens)
-    rmask = response_mask_from_eos(tokens, tokenizer.eos_token_id)
-    tokens = torch.where(rmask.bool(), tokens, torch.full_like(tokens, tokenizer.pad_token_id))
-    return join(ids, mask, tokens, rmask), logprobs * rmask
+    out = generator_for(model, max_len).generate(ids, mask, sampling)
+    # the generator already pads after the first eos and zeroes log-probs off the mask
+    return join(ids.to(out.tokens.device), mask.to(out.tokens.device), out.tokens, out.mask), out.logprobs
 
 
 def sample(
@@ -74,8 +92,10 @@ def sample(
     model.eval()
     expanded = [p for p in prompts for _ in range(n)]
     encoded = encode_prompts(tokenizer, expanded, data_cfg.max_prompt_tokens, data_cfg.chat_template)
+    max_new = data_cfg.max_response_tokens
+    max_len = max(map(len, encoded)) + max_new if encoded else max_new + 1
     chunks = [
-        _sample_chunk(model, tokenizer, encoded[i : i + batch_size], cfg, data_cfg.max_response_tokens)
+        _sample_chunk(model, tokenizer, encoded[i : i + batch_size], cfg, max_new, max_len)
         for i in range(0, len(encoded), batch_size)
     ]
     model.train(was_training)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from rlp_engine.engine.distributed import comm_device, mean_over_ranks, rank_and_world
+
 
 def to_float(value) -> float:
     return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
@@ -19,7 +21,9 @@ def to_float(value) -> float:
 class MetricsLogger:
     """`log(stage, step, {name: value})` appends a JSON line `{"stage", "step", name: value, ...}` to
     DIR/metrics.jsonl, writes TensorBoard scalars `stage/name` under DIR/tb, and keeps the curves.
-    With `out_dir=None` it only keeps the curves (for the Python API and tests)."""
+    With `out_dir=None` it only keeps the curves (for the Python API and tests).
+    Under torchrun every rank calls `log` at the same steps: the values are averaged over ranks
+    (one all-reduce) and only the logger given an out_dir (rank 0's) writes them."""
 
     def __init__(self, out_dir: str | Path | None = None, tensorboard: bool = False):
         self.curves: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
@@ -38,7 +42,8 @@ class MetricsLogger:
                     self._tb = SummaryWriter(str(out_dir / "tb"))
 
     def log(self, stage: str, step: int, metrics: dict) -> dict[str, float]:
-        values = {k: to_float(v) for k, v in metrics.items()}
+        values = mean_over_ranks({k: to_float(v) for k, v in metrics.items()})
+        values = {k: values[k] for k in metrics}  # the caller's order, not the reduction's
         for k, v in values.items():
             self.curves[stage][k].append((step, v))
             if self._tb is not None:
@@ -71,6 +76,23 @@ class Throughput:
         finally:
             self.seconds[name] += time.perf_counter() - start
             self.tokens[name] += rec["tokens"]
+
+    def across_ranks(self) -> Throughput:
+        """The whole job's figures under torchrun (tokens summed over ranks, seconds the slowest
+        rank's); every rank must call it, with the same phases. Itself single-process."""
+        if rank_and_world()[1] == 1:
+            return self
+        import torch.distributed as dist
+
+        names = sorted(self.seconds)
+        tokens = torch.tensor([self.tokens[n] for n in names], dtype=torch.float64, device=comm_device())
+        seconds = torch.tensor([self.seconds[n] for n in names], dtype=torch.float64, device=comm_device())
+        dist.all_reduce(tokens)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        total = Throughput()
+        for n, t, s in zip(names, tokens.tolist(), seconds.tolist()):
+            total.tokens[n], total.seconds[n] = t, s
+        return total
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {

@@ -2,11 +2,19 @@
 RLP-UML reward model -> PPO, and RLP-SPG reward model -> PPO; then evaluation and the report.
 
 `run_pipeline(cfg)` runs it and returns the report dict (also written to cfg.run.output_dir).
+
+Under torchrun it is one SPMD program (`init_distributed()`; single process without torchrun):
+every training stage is data-parallel (each rank takes its share of the same global batch, and
+gradients are averaged by an explicit all-reduce, so every rank holds the same full weights);
+rollouts and the sampling of P are split over ranks; rank 0 alone evaluates and writes metrics,
+report, plots and checkpoints while the others wait. RLP_ENGINE_FAIL_AT="stage:rank" makes that
+rank raise at the start of that stage (fault injection for the tests of the fail-fast path).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import time
@@ -22,6 +30,7 @@ from rlp_engine.algos.rlp import rlp_spg, rlp_uml, sample_policy
 from rlp_engine.algos.sft import sft
 from rlp_engine.config import TrainConfig, dump_yaml, to_dict
 from rlp_engine.data.build import TaskData, build_data
+from rlp_engine.engine.distributed import barrier, check_replicas, init_distributed, rank_and_world
 from rlp_engine.engine.evaluate import evaluate_policy, gold_pairs, reward_model_accuracy
 from rlp_engine.engine.metrics import MetricsLogger, Throughput
 from rlp_engine.models.heads import ScalarHeadModel
@@ -35,9 +44,12 @@ class Run:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.rank, self.world_size = rank_and_world()
+        self.main = self.rank == 0  # only rank 0 writes anything under output_dir
         self.out = Path(cfg.run.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.logger = MetricsLogger(self.out, tensorboard=cfg.run.tensorboard)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.logger = MetricsLogger(self.out if self.main else None, tensorboard=cfg.run.tensorboard)
         self.throughput = Throughput()
         self.stage_seconds: dict[str, float] = {}
         self.device = torch.device(cfg.run.device)
@@ -46,10 +58,16 @@ class Run:
     @contextmanager
     def stage(self, name: str):
         start = time.perf_counter()
-        print(f"[rlp-engine] stage {name} ...", flush=True)
+        self.say(f"stage {name} ...")
+        if os.environ.get("RLP_ENGINE_FAIL_AT") == f"{name}:{self.rank}":
+            raise RuntimeError(f"RLP_ENGINE_FAIL_AT: injected failure in stage {name} on rank {self.rank}")
         yield
         self.stage_seconds[name] = round(time.perf_counter() - start, 2)
-        print(f"[rlp-engine] stage {name} done in {self.stage_seconds[name]:.1f} s", flush=True)
+        self.say(f"stage {name} done in {self.stage_seconds[name]:.1f} s")
+
+    def say(self, text: str) -> None:
+        if self.main:
+            print(f"[rlp-engine] {text}", flush=True)
 
     def ppo_kwargs(self, stage: str) -> dict:
         # PPO runs few, costly iterations: every one is logged.
@@ -67,7 +85,9 @@ class Run:
         )
 
     def save(self, name: str, model, tokenizer=None) -> None:
-        if not self.cfg.run.save_checkpoints:
+        check_replicas(model, name)  # every rank must hold the weights rank 0 is about to save
+        # every rank holds the same full weights (explicit data parallelism): rank 0 saves them
+        if not self.cfg.run.save_checkpoints or not self.main:
             return
         from transformers.utils import logging as hf_logging
 
@@ -202,11 +222,38 @@ def evaluate_all(run: Run, data: TaskData, tokenizer, policies: dict, rms: dict)
 def run_pipeline(cfg: TrainConfig) -> dict:
     """Run every stage, evaluate, and write report.json, report.md, the curves' PNG, metrics.jsonl
     (and TensorBoard events) and the per-stage checkpoints under cfg.run.output_dir. The ops run on
-    cfg.run.backend ("auto": chosen per device)."""
+    cfg.run.backend ("auto": chosen per device). Under torchrun every rank calls it; rank 0 returns
+    the report and writes the files, the other ranks return an empty dict."""
+    info = init_distributed(timeout_s=cfg.run.dist_timeout_s)
+    if info.distributed:
+        _check_world(cfg, info.world_size)
+        if torch.device(cfg.run.device).type == "cuda":
+            cfg.run.device = str(info.device)  # one GPU per rank
     if cfg.run.backend == "auto":
         return _run_pipeline(cfg)
     with ops.backend(cfg.run.backend):
         return _run_pipeline(cfg)
+
+
+def _check_world(cfg: TrainConfig, world: int) -> None:
+    """Every rank needs at least one row of every global batch (and PPO equal shares)."""
+    sizes = {
+        "sft.batch_size": cfg.sft.batch_size,
+        "rm.batch_size": cfg.rm.batch_size,
+        "uml.batch_size": cfg.uml.batch_size,
+        "uml.ib_batch_size": cfg.uml.ib_batch_size,
+        "spg.batch_size": cfg.spg.batch_size,
+        "sample.num_prompts": cfg.sample.num_prompts,
+    }
+    small = {k: v for k, v in sizes.items() if v < world}
+    if small:
+        raise ValueError(f"world size {world}: these batches give a rank no rows: {small}")
+    for key, v in (
+        ("ppo.rollout_batch_size", cfg.ppo.rollout_batch_size),
+        ("ppo.mini_batch_size", cfg.ppo.mini_batch_size),
+    ):
+        if v % world:
+            raise ValueError(f"world size {world}: {key}={v} must be a multiple of it")
 
 
 def _run_pipeline(cfg: TrainConfig) -> dict:
@@ -214,7 +261,8 @@ def _run_pipeline(cfg: TrainConfig) -> dict:
 
     _setup(cfg)
     run = Run(cfg)
-    (run.out / "config.yaml").write_text(dump_yaml(cfg))
+    if run.main:
+        (run.out / "config.yaml").write_text(dump_yaml(cfg))
     start = time.perf_counter()
     data = build_data(cfg.data, seed=cfg.run.seed)
     tokenizer = load_tokenizer(cfg.model, data.texts())
@@ -223,14 +271,19 @@ def _run_pipeline(cfg: TrainConfig) -> dict:
     n_params = sum(p.numel() for p in policy.parameters())
     policies, rms, info = train_all(run, data, tokenizer, policy)
     with run.stage("eval"):
-        results = evaluate_all(run, data, tokenizer, policies, rms)
+        # rank 0 evaluates (plain full models: no collective inside); the others wait for it
+        results = evaluate_all(run, data, tokenizer, policies, rms) if run.main else {}
+        barrier()
     run.logger.close()
+    throughput = run.throughput.across_ranks()  # a collective: every rank, before ranks part ways
+    if not run.main:
+        return {}
     report = {
         **results,
         **info,
         "stage_seconds": run.stage_seconds,
         "total_seconds": round(time.perf_counter() - start, 2),
-        "throughput": run.throughput.summary(),
+        "throughput": throughput.summary(),
         "model": {"parameters": n_params, "vocab": len(tokenizer)},
         "data": {
             "sft": len(data.sft),
@@ -244,6 +297,7 @@ def _run_pipeline(cfg: TrainConfig) -> dict:
             "platform": platform.platform(),
             "threads": torch.get_num_threads(),
             "device": cfg.run.device,
+            "world_size": run.world_size,
         },
         "config": to_dict(cfg),
     }

@@ -1,0 +1,137 @@
+"""The RLP pipeline as one SPMD program: `torchrun --nproc_per_node 2 -m rlp_engine.cli train` on
+CPU with gloo (a cut-down tiny preset), and a rank failing inside a stage ending the job.
+
+Every checkpoint save runs `check_replicas` (rank 1's weights must equal rank 0's bitwise), so a
+finished run also proves the explicit gradient all-reduce kept the replicas identical."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlp_engine.config import load_config
+from rlp_engine.engine import distributed
+from rlp_engine.engine.generate import generator_for, sample
+from rlp_engine.models.loading import load_policy, load_tokenizer
+from rlp_engine.models.policy import response_logprobs
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+# The tiny preset cut to a few steps per stage: every stage runs, each rank on its share.
+SMALL = [
+    "sft.steps=2",
+    "rm.steps=2",
+    "ppo.steps=2",
+    "uml.steps=1",
+    "spg.steps=1",
+    "eval.num_prompts=4",
+    "eval.samples_per_prompt=1",
+    "ppo.sync_bucket_mb=0.03",  # about 31 KB: the ~105 KB actor streams in several buckets
+    "run.tensorboard=false",
+    "run.threads=1",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(out: Path, extra_env: dict | None = None, limit_s: float = 90) -> tuple[int, str, float]:
+    env = {k: v for k, v in os.environ.items() if k not in distributed._ENV + ("LOCAL_WORLD_SIZE",)}
+    env.update(OMP_NUM_THREADS="1", **(extra_env or {}))
+    cmd = [str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+    cmd += ["-m", "rlp_engine.cli", "train", "--preset", "tiny", "--output-dir", str(out), *SMALL]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output = proc.communicate(timeout=limit_s)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"torchrun still running after {limit_s} s (a rank hangs)")
+    return proc.returncode, output, time.monotonic() - t0
+
+
+def test_two_process_run_writes_one_report_from_rank_zero(tmp_path):
+    out = tmp_path / "run"
+    code, output, _ = _torchrun(out)
+    assert code == 0, output[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["policies"]) == {"sft", "ppo", "rlp_uml", "rlp_spg"}
+    assert report["machine"]["world_size"] == 2
+    # rank 0 alone writes: exactly these files, one summary print, one metrics line per (stage, step)
+    assert {p.name for p in out.iterdir()} == {
+        "checkpoints",
+        "config.yaml",
+        "metrics.jsonl",
+        "report.json",
+        "report.md",
+        "training_curves.png",
+    }
+    assert output.count("[rlp-engine] report:") == 1
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = [(x["stage"], x["step"]) for x in lines]
+    assert len(keys) == len(set(keys))
+    assert {"sft", "rm", "ppo", "rm_uml", "ppo_uml", "rm_spg", "ppo_spg"} == {s for s, _ in keys}
+    ppo = [x for x in lines if x["stage"].startswith("ppo")]
+    assert len(ppo) == 6
+    for x in ppo:
+        # the whole fp32 actor went into the generation model at every train -> generate switch
+        assert x["switch_bytes"] == 4 * report["model"]["parameters"] and x["switch_buckets"] > 1
+        assert x["switch_seconds"] >= 0
+        # generator log-probs ("scaled") agree with the trainer's teacher-forced old log-probs
+        assert x["gen_logprob_gap"] < 1e-4
+    for name in ("sft", "rm", "ppo", "rm_uml", "ppo_uml", "rm_spg", "ppo_spg"):
+        assert (out / "checkpoints" / name).is_dir()
+    # throughput counts both ranks' tokens: 2 PPO runs x 2 steps x 8 prompts + P's 8 x 4 samples
+    # responses of at least one token each
+    assert report["throughput"]["generation"]["tokens"] >= 3 * 2 * 8 + 8 * 4
+
+
+def test_rank_failing_inside_a_stage_ends_the_job(tmp_path):
+    out = tmp_path / "run"
+    code, output, elapsed = _torchrun(out, {"RLP_ENGINE_FAIL_AT": "rm:1"}, limit_s=60)
+    assert code != 0
+    assert "[rank 1] failed with RuntimeError: RLP_ENGINE_FAIL_AT: injected failure in stage rm" in output
+    assert elapsed < 60
+    assert not (out / "report.json").exists()
+
+
+def test_data_parallel_helpers_are_identities_single_process():
+    assert distributed.rank_and_world() == (0, 1) and distributed.is_main()
+    assert distributed.shard([1, 2, 3]) == [1, 2, 3]
+    assert distributed.shard_bounds(5) == (0, 5)
+    assert distributed.mean_over_ranks({"a": 1.5}) == {"a": 1.5}
+    assert distributed.gather_lists([[1], [2]]) == [[1], [2]]
+
+
+def test_sampler_reuses_one_generator_and_its_logprobs_are_the_trainers():
+    overrides = ["data.max_response_tokens=5", "ppo.temperature=0.7", "ppo.top_k=5"]
+    cfg = load_config(None, overrides, preset="tiny")
+    tok = load_tokenizer(cfg.model, ["1+2=3", "4+5=9", "7+1=8"])
+    model = load_policy(cfg.model, tok).eval()
+    prompts = ["1+2=", "4+5=", "7+1="]
+    s = sample(model, tok, prompts, cfg.ppo, cfg.data, n=2)
+    gen = generator_for(model, 2)
+    assert gen.model is model and generator_for(model, 2) is gen  # cached on the model, reused
+    assert "_rlp_generator" not in dict(model.named_modules()) and not any(
+        "_rlp_generator" in k for k in model.state_dict()
+    )
+    twin = copy.deepcopy(model)  # PPO copies policies: the copy must get its own generator
+    assert generator_for(twin, 2).model is twin
+    # "scaled" log-probs: log_softmax(logits / T) before top-k, what the trainer recomputes
+    b = s.batch
+    with torch.no_grad():
+        lp = response_logprobs(model, b.input_ids, b.attention_mask, b.response_len, temperature=0.7)
+    torch.testing.assert_close(s.logprobs, lp * b.response_mask, atol=1e-5, rtol=1e-5)
+    assert b.response_mask.sum() > 0 and len(s.responses) == 6
