@@ -23,6 +23,14 @@ def latest_runs(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
+def _num(text: str) -> str:
+    """A CSV number for the table: 4 significant digits (the CSV keeps full precision)."""
+    try:
+        return f"{float(text):.4g}"
+    except ValueError:
+        return text
+
+
 def render(runs: dict[tuple[str, str], list[dict]]) -> str:
     lines = [
         "# Bench results",
@@ -41,7 +49,7 @@ def render(runs: dict[tuple[str, str], list[dict]]) -> str:
             lines += [f"### {bench} ({rs[0]['date']}, commit {rs[0]['commit']})", ""]
             lines += ["| variant | shape | median ms | ratio | peak MB |", "|---|---|---|---|---|"]
             for r in rs:
-                cells = [r["variant"], r["shape"], r["median_ms"], r["ratio"], r["peak_mb"]]
+                cells = [r["variant"], r["shape"], *(_num(r[k]) for k in ("median_ms", "ratio", "peak_mb"))]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
     notes = HERE / "NOTES.md"
