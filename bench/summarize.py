@@ -26,9 +26,10 @@ def latest_runs(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
 def _num(text: str) -> str:
     """A CSV number for the table: 4 significant digits (the CSV keeps full precision)."""
     try:
-        return f"{float(text):.4g}"
+        value = float(text)
     except ValueError:
         return text
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
 def render(runs: dict[tuple[str, str], list[dict]]) -> str:
