@@ -132,3 +132,20 @@ def test_build_data_from_jsonl_without_gold(tmp_path):
     cfg.data.eval_path = str(prompts)
     data = build_data(cfg.data)
     assert data.gold is None and data.prompts == ["q"] and data.preferences[0].rejected == "c"
+
+
+def test_chat_template_prompts_are_token_ids():
+    """transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True): the ids, not
+    the mapping, must come out (the SmolLM2 config runs with data.chat_template=true)."""
+    from rlp_engine.engine.batch import encode_prompts
+    from rlp_engine.models.loading import load_tokenizer
+
+    tok = load_tokenizer(load_config(preset="tiny").model, texts=["12+7=19"])
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['content'] }}>{% endfor %}{% if add_generation_prompt %}:{% endif %}"
+    )
+    plain = encode_prompts(tok, ["12+7="], max_tokens=64)
+    chat = encode_prompts(tok, ["12+7="], max_tokens=64, chat_template=True)
+    assert all(isinstance(i, int) for i in chat[0])
+    assert tok.decode(chat[0]) == "<12+7=>:" and tok.decode(plain[0]) == "12+7="
+    assert encode_prompts(tok, ["12+7="], max_tokens=3, chat_template=True)[0] == chat[0][-3:]

@@ -7,6 +7,7 @@ eos unless truncated. `response_mask` [B, R] marks response tokens (eos included
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -54,7 +55,8 @@ def encode_prompts(
             ids = tokenizer.apply_chat_template(
                 [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
             )
-            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            # transformers 5 returns a BatchEncoding (a Mapping, not a dict); older versions a list
+            ids = list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
         else:
             ids = tokenizer(p, add_special_tokens=False)["input_ids"]
         out.append(ids[-max_tokens:])

@@ -105,10 +105,20 @@ def load_policy(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
     if cfg.path is None:
         return tiny_llama(cfg, tokenizer).to(_dtype(cfg.dtype))
     path, gguf = resolve_path(cfg)
-    # A GGUF file (needs the `gguf` package) is dequantised to `dtype` on load.
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=_dtype(cfg.dtype),
         attn_implementation=cfg.attn_implementation,
         **({"gguf_file": gguf} if gguf else {}),
     )
+    if gguf:
+        # A GGUF file (needs the `gguf` package) is dequantised to `dtype` on load, but the model stays
+        # marked as GGUF-quantised and save_pretrained refuses it: rebuild it from its config as a
+        # plain model with the dequantised weights, so that checkpoints are ordinary HF directories.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=_dtype(cfg.dtype))
+        plain.load_state_dict(model.state_dict())
+        model = plain
+    return model
