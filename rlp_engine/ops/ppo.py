@@ -73,6 +73,13 @@ def _prepare(op: str, first: str, tensors: dict, mask, agg: str):
     return valid.contiguous()
 
 
+def _dtypes_and_scale(tensors: dict, valid, agg: str, norms: dict):
+    """(input dtype, compute dtype, row_scale(...)): fp64 inputs compute in fp64, all else in fp32."""
+    dt = _common_dtype(*tensors.values())
+    cdt = torch.float64 if dt == torch.float64 else torch.float32
+    return dt, cdt, row_scale(valid, agg, cdt, **norms)
+
+
 def _common_dtype(*tensors: torch.Tensor) -> torch.dtype:
     dt = tensors[0].dtype
     for t in tensors[1:]:
@@ -109,17 +116,13 @@ def ppo_policy_loss(
     if dual_clip is not None and not (isinstance(dual_clip, numbers.Real) and dual_clip > 1.0):
         raise ValueError(f"{op}: dual_clip must be None or a number > 1, got {dual_clip!r}")
     name = select(op, logprob, old_logprob, advantages)
-    dt = _common_dtype(*tensors.values())
-    cdt = torch.float64 if dt == torch.float64 else torch.float32
-    scale, n_tokens = row_scale(
-        valid,
-        agg,
-        cdt,
+    norms = dict(
         dp_size=dp_size,
         batch_num_tokens=batch_num_tokens,
         global_batch_size=global_batch_size,
         loss_scale_factor=loss_scale_factor,
     )
+    dt, cdt, (scale, n_tokens) = _dtypes_and_scale(tensors, valid, agg, norms)
     if name == "torch":
         return ppo_policy_loss_ref(
             logprob,
@@ -171,17 +174,13 @@ def ppo_value_loss(
     valid = _prepare(op, "values", tensors, mask, agg)
     _check_clip(op, "clip", clip, allow_none=True)
     name = select(op, values, old_values, returns)
-    dt = _common_dtype(*tensors.values())
-    cdt = torch.float64 if dt == torch.float64 else torch.float32
-    scale, n_tokens = row_scale(
-        valid,
-        agg,
-        cdt,
+    norms = dict(
         dp_size=dp_size,
         batch_num_tokens=batch_num_tokens,
         global_batch_size=global_batch_size,
         loss_scale_factor=loss_scale_factor,
     )
+    dt, cdt, (scale, n_tokens) = _dtypes_and_scale(tensors, valid, agg, norms)
     if name == "torch":
         return ppo_value_loss_ref(values, old_values, returns, valid, valid.to(cdt) * scale[:, None], clip)
     v, vo, ret = (t.to(dt).contiguous() for t in (values, old_values, returns))
