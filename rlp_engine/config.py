@@ -68,6 +68,9 @@ class DataConfig:
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template (instruct models)
     max_prompt_tokens: int = 64
     max_response_tokens: int = 6
+    # prompts over max_prompt_tokens: "truncate" (keep the last tokens, counted in the report),
+    # "drop" (skip the record, counted) or "error" (stop before training, naming file and line)
+    long_prompts: str = "truncate"
 
 
 @dataclass
@@ -77,6 +80,7 @@ class SFTConfig:
     lr: float = 3e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
+    max_grad_norm: float = 1.0
 
 
 @dataclass
@@ -87,6 +91,7 @@ class RewardConfig:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
 
 
 @dataclass
@@ -139,6 +144,7 @@ class UMLConfig:
     batch_size: int = 64
     ib_batch_size: int = 16  # prompts per step in the L_M term (two views each)
     lr: float = 1e-3
+    max_grad_norm: float = 1.0
 
 
 @dataclass
@@ -150,6 +156,7 @@ class SPGConfig:
     steps: int = 250
     batch_size: int = 64
     lr: float = 1e-3
+    max_grad_norm: float = 1.0
 
 
 @dataclass
@@ -179,6 +186,13 @@ class RunConfig:
     backend: str = "auto"  # ops backend: "auto" (per device), or forced "torch", "cpp", "triton"
     # under torchrun: bound on every collective (other ranks wait at a barrier while rank 0 evaluates)
     dist_timeout_s: float = 1800.0
+    # crash safety: a resumable checkpoint every N optimizer steps inside a stage (0: only at stage
+    # boundaries), the last K of them kept; `train --resume` continues from the newest complete one
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    # a step with a non-finite loss or gradient is skipped (and counted); more than this many in
+    # one stage stops the run
+    max_nonfinite_steps: int = 10
 
 
 @dataclass
@@ -238,6 +252,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "spg.equivalence": ("final_answer", "exact"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "run.backend": ("auto", "torch", "cpp", "triton"),
+    "data.long_prompts": ("truncate", "drop", "error"),
 }
 
 
