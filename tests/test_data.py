@@ -105,7 +105,10 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
         read_prompts(f)
     f = _write(tmp_path / "bad2.jsonl", [{"prompt": "x", "chosen": "a"}])
-    with pytest.raises(DataError, match=r"bad2\.jsonl:1: field 'rejected' must be a string \(missing\)"):
+    with pytest.raises(DataError, match=r"bad2\.jsonl:1: missing field 'rejected' in a preference record"):
+        read_preferences(f)
+    f = _write(tmp_path / "bad2b.jsonl", [{"prompt": "x", "chosen": "a", "rejected": 3}])
+    with pytest.raises(DataError, match=r"bad2b\.jsonl:1: field 'rejected' must be a string \(int\)"):
         read_preferences(f)
     f = _write(
         tmp_path / "bad3.jsonl", [{"instruction": "x", "output_1": "a", "output_2": "b", "preference": 3}]
@@ -132,6 +135,18 @@ def test_build_data_from_jsonl_without_gold(tmp_path):
     cfg.data.eval_path = str(prompts)
     data = build_data(cfg.data)
     assert data.gold is None and data.prompts == ["q"] and data.preferences[0].rejected == "c"
+    assert data.sources["sft"].where(0) == f"{sft}:1"
+
+
+def test_build_data_sources_name_file_lines_and_embedded_keys(tmp_path):
+    """Sources keep each record's line (blank lines skipped) so later checks can name it."""
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "a"}, "", {"prompt": "b"}])
+    cfg = load_config(preset="tiny", overrides=[f"data.prompts_path={prompts}"])
+    data = build_data(cfg.data)
+    assert data.prompts == ["a", "b"]
+    assert [data.sources["prompts"].where(i) for i in range(2)] == [f"{prompts}:1", f"{prompts}:3"]
+    assert data.sources["sft"].where(4) == "data.num_sft (embedded arithmetic task) record 5"
+    assert len(data.sft) == cfg.data.num_sft and data.sources["eval"].key == "data.num_eval"
 
 
 def test_chat_template_prompts_are_token_ids():
@@ -149,3 +164,22 @@ def test_chat_template_prompts_are_token_ids():
     assert all(isinstance(i, int) for i in chat[0])
     assert tok.decode(chat[0]) == "<12+7=>:" and tok.decode(plain[0]) == "12+7="
     assert encode_prompts(tok, ["12+7="], max_tokens=3, chat_template=True)[0] == chat[0][-3:]
+
+
+def test_tokenize_prompts_batched_equals_one_by_one_and_cut_keeps_the_end():
+    """Prompts are tokenised in one batched call: the ids must equal one call per prompt."""
+    import random
+
+    from rlp_engine.engine.batch import encode_prompts, tokenize_prompts
+    from rlp_engine.models.loading import train_byte_tokenizer
+
+    rng = random.Random(1234)
+    prompts = ["".join(rng.choice("0123456789+= abcé") for _ in range(rng.randint(1, 30))) for _ in range(9)]
+    tok = train_byte_tokenizer(prompts)
+    whole = tokenize_prompts(tok, prompts)
+    assert whole == [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    cut = encode_prompts(tok, prompts, max_tokens=7)
+    assert cut == [ids[-7:] for ids in whole]
+    assert any(len(ids) > 7 for ids in whole) and all(len(ids) <= 7 for ids in cut)
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        encode_prompts(tok, prompts, max_tokens=0)

