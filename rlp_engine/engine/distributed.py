@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -188,11 +189,13 @@ def shard(items):
 def all_reduce_grads(params) -> None:
     """Average the gradients of `params` over ranks in one flat all-reduce (explicit data
     parallelism: every rank then applies the same update to identical weights). A parameter
-    without a gradient on this rank counts as zero, so every rank sends the same layout."""
+    without a gradient on this rank counts as zero, so every rank sends the same layout.
+    Sharded (DTensor) parameters are skipped: FSDP2 already reduce-scattered and averaged their
+    gradients in backward (reducing them again would be wrong, and each rank holds another shard)."""
     rank, world = rank_and_world()
     if world == 1:
         return
-    params = [p for p in params if p.requires_grad]
+    params = [p for p in params if p.requires_grad and not isinstance(p, DTensor)]
     if not params:
         return
     for p in params:
@@ -229,12 +232,17 @@ def gather_lists(items: list) -> list:
 
 
 def check_replicas(model, what: str = "model") -> None:
-    """Raise if this rank's weights differ from rank 0's (explicit data parallelism keeps them
-    bitwise equal; a mismatch means a rank trained on something else). One float64 checksum."""
+    """Raise if this rank's replicated weights differ from rank 0's (explicit data parallelism keeps
+    them bitwise equal; a mismatch means a rank trained on something else). One float64 checksum.
+    Sharded (DTensor) parameters are not replicas (each rank owns a different shard, and FSDP2 keeps
+    one copy of each value): they are left out; a fully sharded model has nothing to compare."""
     if rank_and_world()[1] == 1:
         return
     with torch.no_grad():
-        total = sum((p.detach().double() * (i % 7 + 1)).sum() for i, p in enumerate(model.parameters()))
+        total = torch.zeros((), dtype=torch.float64)
+        for i, p in enumerate(model.parameters()):
+            if not isinstance(p, DTensor):
+                total += (p.detach().double() * (i % 7 + 1)).sum().cpu()
         mine = torch.tensor([float(total)], dtype=torch.float64, device=comm_device())
     ref = mine.clone()
     dist.broadcast(ref, src=0)

@@ -1,9 +1,11 @@
 """Metrics: JSONL lines (and TensorBoard scalars when the package is present), the curves kept in
-memory for the report's plot, and per-phase token throughput (generation, scoring, training)."""
+memory for the report's plot, per-phase token throughput (generation, scoring, training), and
+`masked_stats` (mean, std, min, max of a masked tensor, for rewards, advantages, returns, values)."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -16,6 +18,71 @@ from rlp_engine.engine.distributed import comm_device, mean_over_ranks, rank_and
 
 def to_float(value) -> float:
     return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+
+
+STAT_NAMES = ("mean", "std", "min", "max")
+
+
+def masked_stats(
+    x: torch.Tensor, mask: torch.Tensor | None = None, prefix: str = "", *, across_ranks: bool = False
+) -> dict[str, torch.Tensor]:
+    """Mean, std, min and max of `x` over the entries where `mask` is nonzero (all entries when
+    mask is None), as 0-dim fp32 tensors keyed "<prefix>_mean", ... ("mean", ... with no prefix).
+    No host sync (the values stay on x's device until logged).
+
+    x: any floating shape; mask: the same shape (bool, int or float; nonzero selects). Entries
+    outside the mask never matter, even NaN or inf; a NaN inside it makes the statistics NaN (which
+    is what a log should show). std is the population std (divides by the count, so one entry gives
+    0, not NaN). An empty mask gives 0 for all four (documented value, never NaN or inf).
+    across_ranks: statistics of the union over ranks under torchrun (every rank must call it with
+    the same prefix; three small all-reduces in fp64: count and sum, squared deviations from the
+    global mean, max and -min); every rank gets the same values. Single-process it changes nothing.
+    Without it each rank's own statistics are returned (MetricsLogger then averages them)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"masked_stats({prefix!r}): x must be a floating-point tensor, got {got}")
+    if mask is None:
+        mask = torch.ones_like(x, dtype=torch.bool)
+    if not isinstance(mask, torch.Tensor) or mask.shape != x.shape:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"masked_stats({prefix!r}): mask must have x's shape {tuple(x.shape)}, got {got}")
+    keep = mask.to(x.device) != 0
+    reduce = across_ranks and rank_and_world()[1] > 1
+    # fp32 locally; fp64 when partial sums from several ranks are combined
+    xf = x.detach().to(torch.float64 if reduce else torch.float32)
+    zero = torch.zeros((), dtype=xf.dtype, device=x.device)
+    inf = torch.full((), math.inf, dtype=xf.dtype, device=x.device)
+    n = keep.sum().to(xf.dtype)
+    total = torch.where(keep, xf, zero).sum()
+    hi = torch.where(keep, xf, -inf).amax() if x.numel() else -inf  # amax of an empty tensor raises
+    lo = torch.where(keep, xf, inf).amin() if x.numel() else inf
+    if reduce:
+        n, total = _all_reduce_on(x.device, torch.stack([n, total]), "sum")
+    mean = total / n.clamp_min(1)
+    ssd = torch.where(keep, xf - mean, zero).square().sum()  # two passes: no cancellation
+    if reduce:
+        (ssd,) = _all_reduce_on(x.device, ssd.reshape(1), "sum")
+        hi, neg_lo = _all_reduce_on(x.device, torch.stack([hi, -lo]), "max")
+        lo = -neg_lo
+    std = (ssd / n.clamp_min(1)).sqrt()
+    empty = n == 0
+    values = {
+        "mean": mean,
+        "std": std,
+        "min": torch.where(empty, zero, lo),
+        "max": torch.where(empty, zero, hi),
+    }
+    sep = "_" if prefix else ""
+    return {f"{prefix}{sep}{k}": values[k].float() for k in STAT_NAMES}
+
+
+def _all_reduce_on(device: torch.device, t: torch.Tensor, op: str) -> torch.Tensor:
+    """All-reduce (sum or max) of a small 1-D tensor via the communication device, back on `device`."""
+    import torch.distributed as dist
+
+    buf = t.to(comm_device())
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return buf.to(device)
 
 
 class MetricsLogger:
@@ -52,6 +119,17 @@ class MetricsLogger:
             self._file.write(json.dumps({"stage": stage, "step": step, **values}) + "\n")
             self._file.flush()
         return values
+
+    def replay(self, records: list[dict]) -> None:
+        """Reload lines an earlier process of this run logged (resume: metrics.jsonl already holds
+        them) into the curves and TensorBoard, without writing them to metrics.jsonl again."""
+        for rec in records:
+            stage, step = rec["stage"], rec["step"]
+            for k, v in rec.items():
+                if k not in ("stage", "step"):
+                    self.curves[stage][k].append((step, v))
+                    if self._tb is not None:
+                        self._tb.add_scalar(f"{stage}/{k}", v, step)
 
     def close(self) -> None:
         if self._file is not None:
