@@ -1,11 +1,12 @@
 """The `rlp-engine` command.
 
-    rlp-engine train [--config FILE.yaml] [--preset NAME] [--output-dir DIR] [key=value ...]
+    rlp-engine train [--config FILE.yaml] [--preset NAME] [--output-dir DIR] [--resume] [key=value ...]
     rlp-engine eval --policy DIR [--reward-model DIR] [--config FILE.yaml] [key=value ...]
     rlp-engine sample --policy DIR [-n N] [--prompt TEXT ...] [key=value ...]
 
 `train` runs the whole RLP pipeline (embedded arithmetic task when no config is given) and writes
 DIR/report.json, DIR/report.md, DIR/training_curves.png, DIR/metrics.jsonl and checkpoints.
+`train --output-dir DIR --resume` continues a killed run from its last complete checkpoint.
 Under torchrun (`torchrun --nproc_per_node N -m rlp_engine.cli train ...`) `train` runs as one
 SPMD program over the N ranks; rank 0 writes the outputs and prints the summary.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from rlp_engine.config import ConfigError, load_config
 
@@ -31,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run SFT -> RM -> PPO -> RLP-UML/SPG -> PPO and write a report")
     common(t)
     t.add_argument("--output-dir", help="where the report and checkpoints go (run.output_dir)")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir from its last complete checkpoint (its config.yaml is "
+        "the config unless --config/--preset are given); a fresh start when it has none",
+    )
 
     e = sub.add_parser("eval", help="gold score and proxy reward of a saved policy on held-out prompts")
     common(e)
@@ -46,12 +54,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args, cfg) -> int:
-    from rlp_engine.engine.distributed import shutdown
-    from rlp_engine.engine.pipeline import run_pipeline
+    from rlp_engine.data.prepare import check_limits, check_paths
 
     if args.output_dir:
         cfg.run.output_dir = args.output_dir
-    report = run_pipeline(cfg)
+    # A missing file or model directory fails here, before the 8 s import of torch and transformers;
+    # the pipeline then runs data/prepare.prepare_inputs before it creates the output directory.
+    check_limits(cfg.data)
+    check_paths(cfg)
+    from rlp_engine.engine.distributed import shutdown
+    from rlp_engine.engine.pipeline import run_pipeline
+
+    report = run_pipeline(cfg, resume=args.resume)
     shutdown()  # destroys the process group under torchrun; nothing single-process
     if not report:  # a rank other than 0: rank 0 reports
         return 0
@@ -66,6 +80,11 @@ def _train(args, cfg) -> int:
 
 
 def _load_saved(args, cfg):
+    from pathlib import Path
+
+    for flag, path in (("--policy", args.policy), ("--reward-model", getattr(args, "reward_model", None))):
+        if path is not None and not Path(path).is_dir():
+            raise FileNotFoundError(f"{flag}: {path} is not a directory")
     from rlp_engine.models.heads import ScalarHeadModel
     from rlp_engine.models.loading import load_policy, load_tokenizer
 
@@ -104,17 +123,21 @@ def _sample(args, cfg) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "train" and args.resume and args.output_dir and not (args.config or args.preset):
+        saved = Path(args.output_dir) / "config.yaml"
+        if saved.is_file():
+            args.config = str(saved)  # the run's own config; overrides still apply on top
     try:
         cfg = load_config(args.config, args.overrides, preset=args.preset)
     except (ConfigError, FileNotFoundError) as err:
         print(f"rlp-engine: config error: {err}", file=sys.stderr)
         return 2
-    from rlp_engine.data.jsonl import DataError
+    from rlp_engine.data.prepare import INPUT_ERRORS
 
     handlers = {"train": _train, "eval": _eval, "sample": _sample}
     try:
         return handlers[args.command](args, cfg)
-    except (DataError, FileNotFoundError) as err:  # bad data or a missing model: no traceback needed
+    except INPUT_ERRORS as err:  # bad config, data or model: one line, no traceback
         print(f"rlp-engine: error: {err}", file=sys.stderr)
         return 2
 

@@ -46,11 +46,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(out: Path, extra_env: dict | None = None, limit_s: float = 90) -> tuple[int, str, float]:
+def _torchrun(
+    out: Path, extra_env: dict | None = None, limit_s: float = 90, extra: tuple = ()
+) -> tuple[int, str, float]:
     env = {k: v for k, v in os.environ.items() if k not in distributed._ENV + ("LOCAL_WORLD_SIZE",)}
     env.update(OMP_NUM_THREADS="1", **(extra_env or {}))
     cmd = [str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
-    cmd += ["-m", "rlp_engine.cli", "train", "--preset", "tiny", "--output-dir", str(out), *SMALL]
+    cmd += ["-m", "rlp_engine.cli", "train", "--preset", "tiny", "--output-dir", str(out), *SMALL, *extra]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -76,6 +78,7 @@ def test_two_process_run_writes_one_report_from_rank_zero(tmp_path):
         "metrics.jsonl",
         "report.json",
         "report.md",
+        "resume",
         "training_curves.png",
     }
     assert output.count("[rlp-engine] report:") == 1
@@ -105,6 +108,41 @@ def test_rank_failing_inside_a_stage_ends_the_job(tmp_path):
     assert "[rank 1] failed with RuntimeError: RLP_ENGINE_FAIL_AT: injected failure in stage rm" in output
     assert elapsed < 60
     assert not (out / "report.json").exists()
+
+
+def test_rank_killed_mid_ppo_ends_the_job_and_its_checkpoint_resumes_on_one_process(tmp_path):
+    """Rank 1 is SIGKILLed right after PPO's step-1 checkpoint: rank 0 must not hang, and the sharded
+    (DCP) checkpoint both ranks wrote is complete and loads in a single process, which finishes the run."""
+    out = tmp_path / "run"
+    env = {"RLP_ENGINE_KILL_AT": "ppo:1", "RLP_ENGINE_KILL_RANK": "1"}
+    code, output, elapsed = _torchrun(out, env, limit_s=90, extra=("run.checkpoint_every=1",))
+    assert code != 0 and elapsed < 90, output[-3000:]
+    assert "RLP_ENGINE_KILL_AT=ppo:1: killing rank 1" in output
+    assert not (out / "report.json").exists()
+    latest = max((out / "resume").glob("ckpt-*"))
+    meta = torch.load(latest / "meta.pt", weights_only=False)
+    assert (meta["stage"], meta["loop"]["step"], meta["world_size"]) == ("ppo", 1, 2)
+    assert {p.name for p in latest.glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
+    assert len(list((latest / "state").glob("*.distcp"))) == 2  # each rank wrote its part
+    env = {
+        k: v for k, v in os.environ.items() if k not in distributed._ENV and not k.startswith("RLP_ENGINE_")
+    }
+    res = subprocess.run(
+        [sys.executable, "-m", "rlp_engine.cli", "train", "--output-dir", str(out), "--resume"],
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "stage ppo: resuming at step 1" in res.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["machine"]["world_size"] == 1 and set(report["policies"]) == {
+        "sft",
+        "ppo",
+        "rlp_uml",
+        "rlp_spg",
+    }
 
 
 def test_data_parallel_helpers_are_identities_single_process():

@@ -12,15 +12,17 @@ value losses over minibatches for a few epochs). All loss math goes through `rlp
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from rlp_engine import ops
 from rlp_engine.engine.batch import SeqBatch
-from rlp_engine.engine.distributed import all_reduce_grads, rank_and_world, shard
+from rlp_engine.engine.checkpoint import LoopCheckpoint
+from rlp_engine.engine.distributed import rank_and_world, shard
 from rlp_engine.engine.generate import sample
-from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress, to_float
+from rlp_engine.engine.guards import NonFiniteGuard, guarded_step
+from rlp_engine.engine.metrics import MetricsLogger, Throughput, masked_stats, progress, to_float
 from rlp_engine.engine.offload import offloaded
 from rlp_engine.engine.reshard import sync_to_module
 from rlp_engine.models.heads import ScalarHeadModel
@@ -41,6 +43,7 @@ class PPOState:
     data_cfg: object  # DataConfig
     generator: torch.Generator
     gen_model: torch.nn.Module  # generation copy of the actor, refreshed by sync_weights each rollout
+    guard: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(10, "ppo"))  # skipped updates
 
 
 @dataclass
@@ -159,42 +162,59 @@ def ppo_losses(state: PPOState, exp: Experience, idx: torch.Tensor) -> tuple[tor
     return loss, metrics
 
 
-def train_on_experience(state: PPOState, exp: Experience, throughput: Throughput) -> dict[str, float]:
-    """cfg.ppo_epochs passes over `exp` in shuffled minibatches; metrics averaged over minibatches."""
+def train_on_experience(
+    state: PPOState, exp: Experience, throughput: Throughput, step: int = 0
+) -> dict[str, float]:
+    """cfg.ppo_epochs passes over `exp` in shuffled minibatches; metrics averaged over the applied
+    minibatch updates (a non-finite one is skipped by the guard and left out of the averages)."""
     cfg = state.cfg
     n = len(exp.batch)
     mini = cfg.mini_batch_size // rank_and_world()[1]  # this rank's share of each global minibatch
     params = [p for g in state.optimizer.param_groups for p in g["params"]]
     sums: dict[str, float] = {}
-    count = 0
+    count = skipped = 0
+    grad_norm_max = 0.0
     with throughput.phase("training") as rec:
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n, generator=state.generator)
             for start in range(0, n, mini):
                 idx = perm[start : start + mini].to(exp.batch.input_ids.device)
                 loss, metrics = ppo_losses(state, exp, idx)
-                state.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                all_reduce_grads(params)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                state.optimizer.step()
+                applied, grad_norm = guarded_step(
+                    loss,
+                    params,
+                    state.optimizer,
+                    max_grad_norm=cfg.max_grad_norm,
+                    guard=state.guard,
+                    step=step,
+                )
+                rec["tokens"] += int(exp.batch.attention_mask[idx].sum())
+                if not applied:
+                    skipped += 1
+                    continue
+                grad_norm_max = max(grad_norm_max, float(grad_norm))
                 metrics = {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + to_float(v)
                 count += 1
-                rec["tokens"] += int(exp.batch.attention_mask[idx].sum())
-    return {k: v / max(count, 1) for k, v in sums.items()}
+    out = {k: v / max(count, 1) for k, v in sums.items()}
+    out.update(
+        grad_norm_max=grad_norm_max, skipped_updates=float(skipped), nonfinite_steps=float(state.guard.count)
+    )
+    return out
 
 
 def ppo_step(
-    state: PPOState, prompts: list[str], throughput: Throughput | None = None, gold=None
+    state: PPOState, prompts: list[str], throughput: Throughput | None = None, gold=None, step: int = 0
 ) -> dict[str, float]:
     """One PPO iteration on a batch of prompts: rollout -> scoring -> update of actor and critic.
 
     Returns floats: losses (loss, pg_loss, vf_loss), clip fractions, approx_kl, grad_norm, and the
     rollout's statistics (score: mean raw reward-model score; kl: mean summed KL to the reference;
     response_len; truncated: share without eos; gold: mean gold(prompt, response) when `gold` is
-    given, for monitoring only).
+    given, for monitoring only), and every step the mean / std / min / max over all ranks of the
+    reward-model scores (score_*), whitened advantages (adv_*), returns (ret_*), old values
+    (value_*) and summed KL per sequence (kl_seq_*).
     """
     throughput = throughput or Throughput()
     # train -> generate switch: training state offloaded (a recorded no-op on CPU), the actor's
@@ -205,8 +225,16 @@ def ppo_step(
             samples = sample(state.gen_model, state.tokenizer, prompts, state.cfg, state.data_cfg, n=1)
             rec["tokens"] = int(samples.batch.response_mask.sum())
     exp = make_experience(state, samples.batch, throughput)
-    metrics = train_on_experience(state, exp, throughput)
+    metrics = train_on_experience(state, exp, throughput, step)
     mask = exp.batch.response_mask
+    stats = {
+        **masked_stats(exp.scores.float(), None, "score", across_ranks=True),
+        **masked_stats(exp.advantages, mask, "adv", across_ranks=True),
+        **masked_stats(exp.returns, mask, "ret", across_ranks=True),
+        **masked_stats(exp.old_values, mask, "value", across_ranks=True),
+        **masked_stats(exp.kl.sum(-1), None, "kl_seq", across_ranks=True),
+    }
+    metrics.update({k: to_float(v) for k, v in stats.items()})
     metrics.update(
         score=to_float(exp.scores),
         kl=to_float(exp.kl.sum(-1)),
@@ -238,10 +266,14 @@ def ppo(
     show_progress: bool = False,
     stage: str = "ppo",
     gold=None,
+    ckpt: LoopCheckpoint | None = None,
+    max_nonfinite_steps: int = 10,
 ) -> torch.nn.Module:
     """Run cfg.steps PPO iterations from `policy` (the SFT model, left untouched) against
     `reward_model`, cycling through `prompts` in shuffled order. Returns the trained actor.
-    `gold(prompt, response)`, when given, is logged on the rollouts (never used for training)."""
+    `gold(prompt, response)`, when given, is logged on the rollouts (never used for training).
+    `ckpt`: as in `sft`; the state is actor, critic, optimizer, the prompt order and position, and the
+    shuffling generator (the frozen reference and reward model are the stage's inputs)."""
     logger = logger or MetricsLogger()
     throughput = throughput or Throughput()
     rank, world = rank_and_world()
@@ -253,15 +285,29 @@ def ppo(
         )
     torch.manual_seed(seed + rank)  # the same weights everywhere (copied), different sampling noise
     state = init_ppo(policy, reward_model, tokenizer, cfg, data_cfg, seed=seed)
+    state.guard = NonFiniteGuard(max_nonfinite_steps, stage)
     order = torch.randperm(len(prompts), generator=state.generator).tolist()
-    pos = 0
-    for step in progress(range(cfg.steps), desc=stage, enabled=show_progress):
+    pos = start = 0
+    modules = {"actor": state.actor, "critic": state.critic}
+    saved = ckpt.resume(modules, [state.optimizer]) if ckpt else None
+    if saved is not None:
+        start, order, pos = saved["step"], saved["order"], saved["pos"]
+        state.generator.set_state(saved["gen"])
+        state.guard = NonFiniteGuard(**saved["guard"])
+
+    def loop_state():
+        loop = {"order": order, "pos": pos, "gen": state.generator.get_state(), "guard": asdict(state.guard)}
+        return modules, [state.optimizer], loop
+
+    for step in progress(range(start, cfg.steps), desc=stage, enabled=show_progress):
         if pos + size > len(order):
             order = torch.randperm(len(prompts), generator=state.generator).tolist()
             pos = 0
         batch_prompts = shard([prompts[i] for i in order[pos : pos + size]])  # this rank's share
         pos += size
-        metrics = ppo_step(state, batch_prompts, throughput, gold)
+        metrics = ppo_step(state, batch_prompts, throughput, gold, step)
         if step % log_every == 0 or step == cfg.steps - 1:
             logger.log(stage, step, metrics)
+        if ckpt:
+            ckpt.step_done(step + 1, cfg.steps, loop_state)
     return state.actor.eval()

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 
 from rlp_engine.data.records import Preference
 from rlp_engine.engine.batch import Encoded, SeqBatch, join, make_batch, pad_left, pad_right
-from rlp_engine.engine.distributed import all_reduce_grads, shard
+from rlp_engine.engine.checkpoint import LoopCheckpoint, generator_states, set_generator_states
+from rlp_engine.engine.distributed import shard
 from rlp_engine.engine.fsdp import broadcast_module
+from rlp_engine.engine.guards import NonFiniteGuard, guarded_step
 from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress
 from rlp_engine.models.heads import ScalarHeadModel
 
@@ -60,6 +63,8 @@ def train_reward_model(
     log_every: int = 10,
     show_progress: bool = False,
     stage: str = "rm",
+    ckpt: LoopCheckpoint | None = None,
+    max_nonfinite_steps: int = 10,
 ) -> dict[str, float]:
     """Train `rm` in place with Bradley-Terry on `pairs` for cfg.steps steps (cfg: RewardConfig or any
     config with steps, batch_size, lr). `extra_loss(step) -> (loss, metrics)` is added to every step's
@@ -74,7 +79,18 @@ def train_reward_model(
     broadcast_module(rm)
     rm.train()
     last: dict[str, float] = {}
-    for step in progress(range(cfg.steps), desc=stage, enabled=show_progress):
+    gens = [gen, *getattr(extra_loss, "generators", ())]
+    guard = NonFiniteGuard(max_nonfinite_steps, stage)
+    start = 0
+    saved = ckpt.resume({"model": rm}, [opt]) if ckpt else None
+    if saved is not None:
+        start, last, guard = saved["step"], saved["last"], NonFiniteGuard(**saved["guard"])
+        set_generator_states(gens, saved["gens"])
+
+    def state():
+        return {"model": rm}, [opt], {"gens": generator_states(*gens), "last": last, "guard": asdict(guard)}
+
+    for step in progress(range(start, cfg.steps), desc=stage, enabled=show_progress):
         idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=gen)
         batch = data.batch(shard(idx)).to(device)  # this rank's share of the global batch
         with throughput.phase("training") as rec:
@@ -85,14 +101,20 @@ def train_reward_model(
                 extra, extra_metrics = extra_loss(step)
                 loss = loss + extra
                 metrics.update(extra_metrics)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            all_reduce_grads(rm.parameters())
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
-            opt.step()
+            _, grad_norm = guarded_step(
+                loss,
+                rm.parameters(),
+                opt,
+                max_grad_norm=getattr(cfg, "max_grad_norm", 1.0),
+                guard=guard,
+                step=step,
+            )
             rec["tokens"] = batch.num_tokens()
         if step % log_every == 0 or step == cfg.steps - 1:
+            metrics.update(grad_norm=grad_norm, nonfinite_steps=guard.count)
             last = logger.log(stage, step, {"loss": loss, **metrics})
+        if ckpt:
+            ckpt.step_done(step + 1, cfg.steps, state)
     return last
 
 

@@ -195,6 +195,7 @@ def ib_loss_fn(
         )
         return lam * loss, {"ib_loss": loss.detach(), "mi": m["mi"], "skl": m["skl"]}
 
+    extra_loss.generators = (gen, noise)  # state the training loop checkpoints
     return extra_loss
 
 

@@ -6,14 +6,17 @@ contiguous share; gradients are averaged over ranks before clipping (engine.dist
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import torch
 
 from rlp_engine import ops
 from rlp_engine.data.records import Example
 from rlp_engine.engine.batch import Encoded, SeqBatch
-from rlp_engine.engine.distributed import all_reduce_grads, shard
+from rlp_engine.engine.checkpoint import LoopCheckpoint
+from rlp_engine.engine.distributed import shard
 from rlp_engine.engine.fsdp import broadcast_module
+from rlp_engine.engine.guards import NonFiniteGuard, guarded_step
 from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress
 from rlp_engine.models.policy import response_logprobs
 
@@ -45,9 +48,13 @@ def sft(
     log_every: int = 10,
     show_progress: bool = False,
     stage: str = "sft",
+    ckpt: LoopCheckpoint | None = None,
+    max_nonfinite_steps: int = 10,
 ) -> dict[str, float]:
     """Train `model` in place on `examples` for cfg.steps AdamW steps (cfg: SFTConfig). Returns the
-    last logged metrics."""
+    last logged metrics. With `ckpt` it continues from a checkpoint saved inside this loop and saves
+    its state every ckpt.every steps (model, optimizer, scheduler, batch generator, RNG). A step with a
+    non-finite loss or gradient is skipped; more than `max_nonfinite_steps` of them raise."""
     logger = logger or MetricsLogger()
     throughput = throughput or Throughput()
     enc = Encoded(tokenizer, [e.prompt for e in examples], [e.response for e in examples], data_cfg)
@@ -58,18 +65,36 @@ def sft(
     broadcast_module(model)  # identical starting weights on every rank (no-op single-process)
     model.train()
     last: dict[str, float] = {}
-    for step in progress(range(cfg.steps), desc=stage, enabled=show_progress):
+    guard = NonFiniteGuard(max_nonfinite_steps, stage)
+    start = 0
+    saved = ckpt.resume({"model": model}, [opt]) if ckpt else None
+    if saved is not None:
+        start, last, guard = saved["step"], saved["last"], NonFiniteGuard(**saved["guard"])
+        sched.load_state_dict(saved["sched"])
+        gen.set_state(saved["gen"])
+
+    def state():
+        loop = {"sched": sched.state_dict(), "gen": gen.get_state(), "last": last, "guard": asdict(guard)}
+        return {"model": model}, [opt], loop
+
+    for step in progress(range(start, cfg.steps), desc=stage, enabled=show_progress):
         idx = torch.randint(len(enc), (cfg.batch_size,), generator=gen)
         batch = enc.batch(shard(idx)).to(device)
         with throughput.phase("training") as rec:
             loss = sft_loss(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            all_reduce_grads(model.parameters())
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            _, grad_norm = guarded_step(
+                loss,
+                model.parameters(),
+                opt,
+                max_grad_norm=cfg.max_grad_norm,
+                guard=guard,
+                step=step,
+                scheduler=sched,  # advances with applied updates only
+            )
             rec["tokens"] = batch.num_tokens()
         if step % log_every == 0 or step == cfg.steps - 1:
-            last = logger.log(stage, step, {"loss": loss, "lr": sched.get_last_lr()[0]})
+            metrics = {"loss": loss, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}
+            last = logger.log(stage, step, {**metrics, "nonfinite_steps": guard.count})
+        if ckpt:
+            ckpt.step_done(step + 1, cfg.steps, state)
     return last

@@ -13,10 +13,12 @@ rank raise at the start of that stage (fault injection for the tests of the fail
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
 import random
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,52 +30,140 @@ from rlp_engine.algos.ppo import ppo
 from rlp_engine.algos.reward import preference_accuracy, train_reward_model
 from rlp_engine.algos.rlp import rlp_spg, rlp_uml, sample_policy
 from rlp_engine.algos.sft import sft
-from rlp_engine.config import TrainConfig, dump_yaml, to_dict
-from rlp_engine.data.build import TaskData, build_data
+from rlp_engine.config import ConfigError, TrainConfig, dump_yaml, to_dict
+from rlp_engine.data.build import TaskData
+from rlp_engine.data.prepare import prepare_inputs
+from rlp_engine.engine.checkpoint import CheckpointStore, LoopCheckpoint, publish
 from rlp_engine.engine.distributed import barrier, check_replicas, init_distributed, rank_and_world
 from rlp_engine.engine.evaluate import evaluate_policy, gold_pairs, reward_model_accuracy
 from rlp_engine.engine.metrics import MetricsLogger, Throughput
-from rlp_engine.models.heads import ScalarHeadModel
-from rlp_engine.models.loading import load_policy, load_tokenizer
+from rlp_engine.models.heads import GaussianEncoder, ScalarHeadModel
 
 STAGES = ("sft", "rm", "ppo", "uml", "spg")
 
 
-class Run:
-    """Shared state of one pipeline run: config, logger, throughput, stage timings, checkpoints."""
+class Stage:
+    """What `Run.stage(name)` yields. `done`: the stage finished in an earlier process of this run
+    (resumed): its body must skip the work and `keep` loads its saved outputs instead. `ckpt`: the
+    checkpoint handle to pass to the stage's training loop."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, run: Run, name: str, done: bool, ckpt: LoopCheckpoint | None):
+        self.run, self.name, self.done, self.ckpt = run, name, done, ckpt
+        self.results: dict = run.finished[name]["results"] if done else {}
+
+    def keep(
+        self, modules: dict[str, torch.nn.Module], results: dict | None = None, export=None, tokenizer=None
+    ):
+        """The stage's outputs. Finished earlier: load the saved models into `modules` (in place) and
+        return the saved results. Else: save the models as the stage's artifact (atomic, for resume),
+        `export` as an HF checkpoint under checkpoints/<name>, and return `results`."""
+        if self.done:
+            self.run.store.load_artifact(self.name, modules)
+            return self.results
+        self.run.store.save_artifact(self.name, modules)
+        if export is not None:
+            self.run.save(self.name, export, tokenizer)
+        self.results = results or {}
+        return self.results
+
+
+class Run:
+    """Shared state of one pipeline run: config, logger, throughput, stage timings, checkpoints.
+
+    `resume`: (path, meta) of the checkpoint to continue from (None: a fresh run). Stages it lists as
+    finished are replayed by loading their outputs; a stage it was inside continues from its step."""
+
+    def __init__(self, cfg: TrainConfig, store: CheckpointStore, resume: tuple[Path, dict] | None = None):
         self.cfg = cfg
         self.rank, self.world_size = rank_and_world()
         self.main = self.rank == 0  # only rank 0 writes anything under output_dir
         self.out = Path(cfg.run.output_dir)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.logger = MetricsLogger(self.out if self.main else None, tensorboard=cfg.run.tensorboard)
+        self.store = store
+        self.resume = resume
+        meta = resume[1] if resume else {}
+        # stage -> {"results": small picklable outputs, "seconds": wall time}, in pipeline order
+        self.finished: dict[str, dict] = dict(meta.get("finished", {}))
+        self.logger = self._logger(meta.get("metrics_bytes"))
         self.throughput = Throughput()
+        for kind in ("tokens", "seconds"):
+            getattr(self.throughput, kind).update(meta.get("throughput", {}).get(kind, {}))
         self.stage_seconds: dict[str, float] = {}
         self.device = torch.device(cfg.run.device)
         self.gold = None  # the task's gold reward, logged on PPO rollouts (never trained on)
 
+    def _logger(self, metrics_bytes: int | None) -> MetricsLogger:
+        """The metrics logger; on resume metrics.jsonl is first cut back to what the checkpoint had
+        seen (lines logged after it are logged again, identically) and the curves reloaded from it."""
+        records = []
+        if self.main and metrics_bytes is not None:
+            path = self.out / "metrics.jsonl"
+            with open(path, "r+b") as f:
+                f.truncate(metrics_bytes)
+            records = [json.loads(line) for line in path.read_text().splitlines()]
+            shutil.rmtree(self.out / "tb", ignore_errors=True)  # rewritten below from the records
+        logger = MetricsLogger(self.out if self.main else None, tensorboard=self.cfg.run.tensorboard)
+        logger.replay(records)
+        return logger
+
+    def meta(self) -> dict:
+        """The pipeline's part of every checkpoint's meta (rank 0's view)."""
+        metrics = self.out / "metrics.jsonl"
+        return {
+            "config": to_dict(self.cfg),
+            "world_size": self.world_size,
+            "finished": dict(self.finished),
+            "metrics_bytes": metrics.stat().st_size if self.main and metrics.exists() else 0,
+            "throughput": {"tokens": dict(self.throughput.tokens), "seconds": dict(self.throughput.seconds)},
+        }
+
     @contextmanager
-    def stage(self, name: str):
+    def stage(self, name: str, checkpoint: bool = True):
+        """Time the stage `name` and yield its `Stage`. checkpoint=False (evaluation): never saved,
+        a resumed run does it again."""
+        if name in self.finished:
+            self.say(f"stage {name}: finished before, loading its outputs")
+            yield Stage(self, name, True, None)
+            self.stage_seconds[name] = self.finished[name]["seconds"]
+            path, meta = self.resume
+            if meta.get("stage") is None and list(self.finished)[-1] == name:
+                self.store.restore(path)  # the RNG state the uninterrupted run had at this point
+            return
         start = time.perf_counter()
-        self.say(f"stage {name} ...")
+        inside = self.resume if self.resume and self.resume[1].get("stage") == name else None
+        self.say(
+            f"stage {name} ..."
+            if inside is None
+            else f"stage {name}: resuming at step {inside[1]['loop']['step']}"
+        )
         if os.environ.get("RLP_ENGINE_FAIL_AT") == f"{name}:{self.rank}":
             raise RuntimeError(f"RLP_ENGINE_FAIL_AT: injected failure in stage {name} on rank {self.rank}")
-        yield
-        self.stage_seconds[name] = round(time.perf_counter() - start, 2)
+        before = inside[1]["stage_elapsed"] if inside else 0.0
+        ckpt = LoopCheckpoint(
+            self.store,
+            name,
+            self.cfg.run.checkpoint_every,
+            lambda: {**self.meta(), "stage_elapsed": before + time.perf_counter() - start},
+            resume_from=inside,
+        )
+        handle = Stage(self, name, False, ckpt if checkpoint else None)
+        yield handle
+        self.stage_seconds[name] = round(before + time.perf_counter() - start, 2)
+        if checkpoint:
+            self.finished[name] = {"results": handle.results, "seconds": self.stage_seconds[name]}
+            self.store.save({**self.meta(), "stage": None})  # stage boundary: outputs, RNG, progress
         self.say(f"stage {name} done in {self.stage_seconds[name]:.1f} s")
 
     def say(self, text: str) -> None:
         if self.main:
             print(f"[rlp-engine] {text}", flush=True)
 
-    def ppo_kwargs(self, stage: str) -> dict:
+    def ppo_kwargs(self, stage: Stage) -> dict:
         # PPO runs few, costly iterations: every one is logged.
         return {**self.train_kwargs(stage), "gold": self.gold, "log_every": 1}
 
-    def train_kwargs(self, stage: str) -> dict:
+    def train_kwargs(self, stage: Stage) -> dict:
         r = self.cfg.run
         return dict(
             logger=self.logger,
@@ -81,10 +171,13 @@ class Run:
             seed=r.seed,
             log_every=r.log_every,
             show_progress=r.progress,
-            stage=stage,
+            stage=stage.name,
+            ckpt=stage.ckpt,
+            max_nonfinite_steps=r.max_nonfinite_steps,
         )
 
     def save(self, name: str, model, tokenizer=None) -> None:
+        """HF export of `model` to checkpoints/<name> (written aside, then renamed into place)."""
         check_replicas(model, name)  # every rank must hold the weights rank 0 is about to save
         # every rank holds the same full weights (explicit data parallelism): rank 0 saves them
         if not self.cfg.run.save_checkpoints or not self.main:
@@ -92,15 +185,18 @@ class Run:
         from transformers.utils import logging as hf_logging
 
         path = self.out / "checkpoints" / name
+        tmp = path.with_name(f".tmp-{name}")
+        shutil.rmtree(tmp, ignore_errors=True)
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a "Writing model shards" bar per checkpoint is noise
         try:
-            model.save_pretrained(path)
+            model.save_pretrained(tmp)
             if tokenizer is not None:
-                tokenizer.save_pretrained(path)
+                tokenizer.save_pretrained(tmp)
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
+        publish(tmp, path)
 
 
 def _setup(cfg: TrainConfig) -> None:
@@ -116,81 +212,106 @@ def _stages(cfg: TrainConfig) -> set[str]:
     chosen = {s.strip() for s in cfg.run.stages.split(",") if s.strip()}
     unknown = chosen - set(STAGES)
     if unknown:
-        raise ValueError(f"run.stages: unknown stages {sorted(unknown)}; expected a subset of {STAGES}")
+        raise ConfigError(f"run.stages: unknown stages {sorted(unknown)}; expected a subset of {STAGES}")
     return chosen | {"sft", "rm", "ppo"}  # RLP refines the reward model of a PPO run
 
 
+def _reward_model(policy, device, latent_dim: int | None = None) -> ScalarHeadModel:
+    """A reward model shaped like the pipeline's (SFT backbone + head, UML encoder when latent_dim):
+    the template a finished stage's saved weights load into on resume."""
+    rm = ScalarHeadModel.from_causal_lm(policy)
+    if latent_dim is not None:
+        rm.encoder = GaussianEncoder(rm.head.in_features, latent_dim)
+    return rm.to(device)
+
+
 def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, dict]:
-    """Stages 1-6. Returns (policies, reward models, extra info) keyed by name."""
+    """Stages 1-6. Returns (policies, reward models, extra info) keyed by name. A resumed run loads
+    the outputs of the stages it had finished and continues the one it was inside."""
     cfg = run.cfg
     stages = _stages(cfg)
-    with run.stage("sft"):
-        sft(policy, tokenizer, data.sft, cfg.sft, cfg.data, **run.train_kwargs("sft"))
+    with run.stage("sft") as st:
+        if not st.done:
+            sft(policy, tokenizer, data.sft, cfg.sft, cfg.data, **run.train_kwargs(st))
         policy.eval()
-        run.save("sft", policy, tokenizer)
-    with run.stage("rm"):
-        rm = ScalarHeadModel.from_causal_lm(policy).to(run.device)
-        train_reward_model(rm, tokenizer, data.preferences, cfg.rm, cfg.data, **run.train_kwargs("rm"))
+        st.keep({"policy": policy}, export=policy, tokenizer=tokenizer)
+    with run.stage("rm") as st:
+        rm = _reward_model(policy, run.device)
+        if not st.done:
+            train_reward_model(rm, tokenizer, data.preferences, cfg.rm, cfg.data, **run.train_kwargs(st))
         rm.eval().requires_grad_(False)
-        run.save("rm", rm, tokenizer)
+        st.keep({"rm": rm}, export=rm, tokenizer=tokenizer)
     policies, rms, info = {"sft": policy}, {"rm": rm}, {}
     prompts = data.prompts
-    with run.stage("ppo"):
-        policies["ppo"] = ppo(policy, rm, tokenizer, prompts, cfg.ppo, cfg.data, **run.ppo_kwargs("ppo"))
-        run.save("ppo", policies["ppo"], tokenizer)
+    with run.stage("ppo") as st:
+        if st.done:
+            policies["ppo"] = copy.deepcopy(policy)
+        else:
+            policies["ppo"] = ppo(policy, rm, tokenizer, prompts, cfg.ppo, cfg.data, **run.ppo_kwargs(st))
+        st.keep({"actor": policies["ppo"]}, export=policies["ppo"], tokenizer=tokenizer)
     if not stages & {"uml", "spg"}:
         return policies, rms, info
-    with run.stage("sample"):
-        samples = sample_policy(
-            policies["ppo"],
-            tokenizer,
-            prompts[: cfg.sample.num_prompts],
-            cfg.sample,
-            cfg.data,
-            run.throughput,
-        )
+    with run.stage("sample") as st:
+        samples = None
+        if not st.done:
+            samples = sample_policy(
+                policies["ppo"],
+                tokenizer,
+                prompts[: cfg.sample.num_prompts],
+                cfg.sample,
+                cfg.data,
+                run.throughput,
+            )
+        samples = st.keep({}, {"samples": samples})["samples"]
     if "uml" in stages:
-        with run.stage("rm_uml"):
-            rms["rm_uml"] = rlp_uml(
-                policy, tokenizer, data.preferences, samples, cfg.uml, cfg.data, **run.train_kwargs("rm_uml")
-            ).requires_grad_(False)
-            run.save("rm_uml", rms["rm_uml"], tokenizer)
-        with run.stage("ppo_uml"):
-            policies["rlp_uml"] = ppo(
-                policy,
-                rms["rm_uml"],
-                tokenizer,
-                prompts,
-                cfg.ppo,
-                cfg.data,
-                **run.ppo_kwargs("ppo_uml"),
-            )
-            run.save("ppo_uml", policies["rlp_uml"], tokenizer)
-    if "spg" in stages:
-        with run.stage("rm_spg"):
-            rm_spg, synthetic, stats = rlp_spg(
-                policy,
-                rm,
-                tokenizer,
-                data.preferences,
-                samples,
-                cfg.spg,
-                cfg.data,
-                **run.train_kwargs("rm_spg"),
-            )
-            rms["rm_spg"] = rm_spg.requires_grad_(False)
-            if data.gold is not None and synthetic:
-                right = sum(
-                    data.gold(p.prompt, p.chosen) > data.gold(p.prompt, p.rejected) for p in synthetic
+        with run.stage("rm_uml") as st:
+            if st.done:
+                rms["rm_uml"] = _reward_model(policy, run.device, cfg.uml.latent_dim).eval()
+            else:
+                rms["rm_uml"] = rlp_uml(
+                    policy, tokenizer, data.preferences, samples, cfg.uml, cfg.data, **run.train_kwargs(st)
                 )
-                stats["synthetic_pair_gold_acc"] = right / len(synthetic)
-            info["spg"] = stats
-            run.save("rm_spg", rm_spg, tokenizer)
-        with run.stage("ppo_spg"):
-            policies["rlp_spg"] = ppo(
-                policy, rm_spg, tokenizer, prompts, cfg.ppo, cfg.data, **run.ppo_kwargs("ppo_spg")
-            )
-            run.save("ppo_spg", policies["rlp_spg"], tokenizer)
+            rms["rm_uml"].requires_grad_(False)
+            st.keep({"rm": rms["rm_uml"]}, export=rms["rm_uml"], tokenizer=tokenizer)
+        with run.stage("ppo_uml") as st:
+            if st.done:
+                policies["rlp_uml"] = copy.deepcopy(policy)
+            else:
+                policies["rlp_uml"] = ppo(
+                    policy, rms["rm_uml"], tokenizer, prompts, cfg.ppo, cfg.data, **run.ppo_kwargs(st)
+                )
+            st.keep({"actor": policies["rlp_uml"]}, export=policies["rlp_uml"], tokenizer=tokenizer)
+    if "spg" in stages:
+        with run.stage("rm_spg") as st:
+            stats = None
+            if st.done:
+                rms["rm_spg"] = _reward_model(policy, run.device).eval()
+            else:
+                rms["rm_spg"], synthetic, stats = rlp_spg(
+                    policy,
+                    rm,
+                    tokenizer,
+                    data.preferences,
+                    samples,
+                    cfg.spg,
+                    cfg.data,
+                    **run.train_kwargs(st),
+                )
+                if data.gold is not None and synthetic:
+                    right = sum(
+                        data.gold(p.prompt, p.chosen) > data.gold(p.prompt, p.rejected) for p in synthetic
+                    )
+                    stats["synthetic_pair_gold_acc"] = right / len(synthetic)
+            rms["rm_spg"].requires_grad_(False)
+            info["spg"] = st.keep({"rm": rms["rm_spg"]}, {"stats": stats}, rms["rm_spg"], tokenizer)["stats"]
+        with run.stage("ppo_spg") as st:
+            if st.done:
+                policies["rlp_spg"] = copy.deepcopy(policy)
+            else:
+                policies["rlp_spg"] = ppo(
+                    policy, rms["rm_spg"], tokenizer, prompts, cfg.ppo, cfg.data, **run.ppo_kwargs(st)
+                )
+            st.keep({"actor": policies["rlp_spg"]}, export=policies["rlp_spg"], tokenizer=tokenizer)
     return policies, rms, info
 
 
@@ -219,20 +340,25 @@ def evaluate_all(run: Run, data: TaskData, tokenizer, policies: dict, rms: dict)
     return {"policies": report_policies, "reward_models": rm_report}
 
 
-def run_pipeline(cfg: TrainConfig) -> dict:
+def run_pipeline(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run every stage, evaluate, and write report.json, report.md, the curves' PNG, metrics.jsonl
     (and TensorBoard events) and the per-stage checkpoints under cfg.run.output_dir. The ops run on
     cfg.run.backend ("auto": chosen per device). Under torchrun every rank calls it; rank 0 returns
-    the report and writes the files, the other ranks return an empty dict."""
+    the report and writes the files, the other ranks return an empty dict.
+
+    Resumable checkpoints go to output_dir/resume every run.checkpoint_every steps and at every stage
+    boundary. `resume=True` continues from the newest complete one (a fresh start when there is
+    none); without it an output_dir that holds checkpoints is refused, so no run is overwritten.
+    report.json is written last: its presence means the run finished."""
     info = init_distributed(timeout_s=cfg.run.dist_timeout_s)
     if info.distributed:
         _check_world(cfg, info.world_size)
         if torch.device(cfg.run.device).type == "cuda":
             cfg.run.device = str(info.device)  # one GPU per rank
     if cfg.run.backend == "auto":
-        return _run_pipeline(cfg)
+        return _run_pipeline(cfg, resume)
     with ops.backend(cfg.run.backend):
-        return _run_pipeline(cfg)
+        return _run_pipeline(cfg, resume)
 
 
 def _check_world(cfg: TrainConfig, world: int) -> None:
@@ -247,30 +373,89 @@ def _check_world(cfg: TrainConfig, world: int) -> None:
     }
     small = {k: v for k, v in sizes.items() if v < world}
     if small:
-        raise ValueError(f"world size {world}: these batches give a rank no rows: {small}")
+        raise ConfigError(f"world size {world}: these batches give a rank no rows: {small}")
     for key, v in (
         ("ppo.rollout_batch_size", cfg.ppo.rollout_batch_size),
         ("ppo.mini_batch_size", cfg.ppo.mini_batch_size),
     ):
         if v % world:
-            raise ValueError(f"world size {world}: {key}={v} must be a multiple of it")
+            raise ConfigError(f"world size {world}: {key}={v} must be a multiple of it")
 
 
-def _run_pipeline(cfg: TrainConfig) -> dict:
+# run.* keys a resumed run may change: they do not change what is computed
+RESUME_FREE = {
+    "output_dir",
+    "threads",
+    "progress",
+    "tensorboard",
+    "dist_timeout_s",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "device",
+}
+
+
+def check_resumable(cfg: TrainConfig, saved: dict) -> None:
+    """Refuse to continue a run with a config that changes what it computes (naming the keys)."""
+    now = to_dict(cfg)
+    changed = [
+        f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
+        for section, fields in now.items()
+        for key, value in fields.items()
+        if saved.get(section, {}).get(key) != value and not (section == "run" and key in RESUME_FREE)
+    ]
+    if changed:
+        raise ConfigError(
+            "--resume: the config differs from the checkpoint's in keys that change the results: "
+            + "; ".join(changed)
+        )
+
+
+def open_store(cfg: TrainConfig, resume: bool) -> tuple[CheckpointStore, tuple[Path, dict] | None]:
+    """The run directory's checkpoint store and the checkpoint to continue from (None: fresh)."""
+    out = Path(cfg.run.output_dir)
+    store = CheckpointStore(out / "resume", keep=cfg.run.keep_checkpoints)
+    latest = store.latest()
+    if latest is None:
+        return store, None
+    if not resume:
+        raise ConfigError(
+            f"run.output_dir: {out} holds checkpoints of an earlier run ({latest[0].name}); pass --resume to "
+            "continue it, or choose another --output-dir"
+        )
+    check_resumable(cfg, latest[1]["config"])
+    return store, latest
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _run_pipeline(cfg: TrainConfig, resume: bool) -> dict:
     from rlp_engine.report import write_report
 
     _setup(cfg)
-    run = Run(cfg)
+    _stages(cfg)  # a bad run.stages fails here, before any work
+    store, latest = open_store(cfg, resume)
+    inputs = prepare_inputs(cfg)  # every input check and load, before anything is written
+    data, tokenizer = inputs.data, inputs.tokenizer
+    run = Run(cfg, store, latest)
+    if latest is not None:
+        run.say(f"resuming from {latest[0]} (finished: {', '.join(run.finished) or 'none'})")
     if run.main:
-        (run.out / "config.yaml").write_text(dump_yaml(cfg))
-    start = time.perf_counter()
-    data = build_data(cfg.data, seed=cfg.run.seed)
-    tokenizer = load_tokenizer(cfg.model, data.texts())
-    policy = load_policy(cfg.model, tokenizer).to(run.device)
+        _write_atomic(run.out / "config.yaml", dump_yaml(cfg))
+    # wall time of this process plus that of the stages finished by earlier ones (resume)
+    start = time.perf_counter() - sum(f["seconds"] for f in run.finished.values())
+    policy = inputs.policy.to(run.device)
     run.gold = data.gold
     n_params = sum(p.numel() for p in policy.parameters())
     policies, rms, info = train_all(run, data, tokenizer, policy)
-    with run.stage("eval"):
+    with run.stage("eval", checkpoint=False):
         # rank 0 evaluates (plain full models: no collective inside); the others wait for it
         results = evaluate_all(run, data, tokenizer, policies, rms) if run.main else {}
         barrier()
@@ -292,6 +477,8 @@ def _run_pipeline(cfg: TrainConfig) -> dict:
             "eval_prompts": len(data.eval_prompts[: cfg.eval.num_prompts]),
             "eval_samples": cfg.eval.samples_per_prompt,
             "gold": data.gold is not None,
+            # prompts over data.max_prompt_tokens, per data set, handled as data.long_prompts says
+            "long_prompts": inputs.counts,
         },
         "machine": {
             "platform": platform.platform(),
@@ -301,6 +488,6 @@ def _run_pipeline(cfg: TrainConfig) -> dict:
         },
         "config": to_dict(cfg),
     }
-    (run.out / "report.json").write_text(json.dumps(report, indent=2))
     write_report(run.out, report, run.logger.curves)
+    _write_atomic(run.out / "report.json", json.dumps(report, indent=2))  # last: the run is complete
     return report

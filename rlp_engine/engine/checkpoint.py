@@ -1,0 +1,334 @@
+"""Crash-safe checkpoints and exact resume.
+
+Layout under <output_dir>/resume/ (internal state; the HF exports users load are in checkpoints/):
+
+    ckpt-000007/            one complete checkpoint; the highest number is the newest
+        meta.pt             pipeline state: config, finished stages and their small results
+                            (samples, statistics, seconds), the current stage's loop state (step,
+                            scheduler, data generators and position), metrics.jsonl length, throughput
+        rng-rank<r>.pt      each rank's torch (CPU and CUDA), numpy and python RNG states
+        state/              the current stage's models and optimizers: torch.distributed.checkpoint
+                            (DCP) files, written by every rank in parallel, loadable on any world size
+    stages/<name>/          a finished stage's output models (DCP), kept for the run's lifetime
+    .tmp-*                  under construction: never read, removed by the next save
+
+Atomicity: a checkpoint is written into a `.tmp-` sibling, every file fsync'ed, then renamed to its
+final name (rename is atomic on POSIX) and the parent directory fsync'ed. A process killed at any
+moment leaves either the old set of complete checkpoints or the old set plus the new one. Only the
+last `keep` complete checkpoints are kept (older ones are deleted after the new one is in place).
+
+Every function here is a collective under torchrun (all ranks call it in the same order); single
+process it needs no process group.
+
+Fault injection for the tests: RLP_ENGINE_KILL_AT="<stage>:<step>" SIGKILLs one rank (rank 0, or
+RLP_ENGINE_KILL_RANK) right after loop step <step> (1-based count of finished steps) of <stage> and
+its checkpoint, if any, is written; "<stage>:<step>:saving" kills it in the middle of writing that
+step's checkpoint (its files written, the rename not done).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rlp_engine.engine.distributed import barrier, rank_and_world
+
+CKPT_RE = re.compile(r"^ckpt-(\d{6})$")
+
+
+# ---------------------------------------------------------------- files, fsync and atomic rename
+
+
+def fsync_path(path: Path) -> None:
+    """fsync one file or directory (a directory's fsync makes its entries - renames - durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root`, children before parents."""
+    for dirpath, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
+
+
+def save_file(obj, path: Path) -> None:
+    """torch.save + fsync (the file is complete on disk when this returns)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Make the finished directory `tmp` visible as `final` in one atomic rename (replacing an older
+    `final`: moved aside first, deleted after), then fsync the parent so the rename survives a crash."""
+    fsync_tree(tmp)
+    old = final.with_name(f".old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_path(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def maybe_kill(stage: str, step: int, phase: str = "") -> None:
+    """SIGKILL this process when RLP_ENGINE_KILL_AT names this point and RLP_ENGINE_KILL_RANK (default
+    0) this rank (fault-injection tests)."""
+    want = os.environ.get("RLP_ENGINE_KILL_AT")
+    rank = rank_and_world()[0]
+    if not want or str(rank) != os.environ.get("RLP_ENGINE_KILL_RANK", "0"):
+        return
+    here = f"{stage}:{step}" + (f":{phase}" if phase else "")
+    if want == here:
+        print(f"[rlp-engine] RLP_ENGINE_KILL_AT={want}: killing rank {rank}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict:
+    """This process's global RNG states: torch CPU (and every CUDA device), numpy, python."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- model and optimizer tensors (DCP)
+
+
+def _tensor_state(modules: dict[str, nn.Module], optimizers: list[torch.optim.Optimizer]):
+    """(holder, state dict) for DCP: the modules under one ModuleDict so that one optimizer over
+    several of them (PPO's actor + critic) maps its parameters to their names. Optimizer states that
+    do not exist yet are created (zero steps) so that DCP can load into them in place."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    holder = nn.ModuleDict(modules)
+    if not optimizers:
+        return holder, {"model": get_model_state_dict(holder)}
+    msd, osd = get_state_dict(holder, optimizers)
+    return holder, {"model": msd, "optim": osd}
+
+
+def save_tensors(path: Path, modules: dict[str, nn.Module], optimizers=()) -> None:
+    """Collective: DCP save of the modules' and optimizers' state into directory `path`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    _, sd = _tensor_state(modules, list(optimizers))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(
+            sd, storage_writer=FileSystemWriter(str(path), sync_files=True), no_dist=not dist.is_initialized()
+        )
+
+
+def load_tensors(path: Path, modules: dict[str, nn.Module], optimizers=()) -> None:
+    """Collective: load a `save_tensors` directory into the modules and optimizers in place (any
+    world size: DCP reshards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    optimizers = list(optimizers)
+    holder, sd = _tensor_state(modules, optimizers)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(sd, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    if optimizers:
+        set_state_dict(holder, optimizers, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    else:
+        set_model_state_dict(holder, sd["model"])
+
+
+# ---------------------------------------------------------------- the store
+
+
+def _broadcast(obj):
+    """rank 0's `obj` on every rank (identity single-process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class CheckpointStore:
+    """The numbered checkpoints and the finished stages' artifacts of one run directory."""
+
+    def __init__(self, root: str | Path, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"run.keep_checkpoints must be >= 1, got {keep}")
+        self.root = Path(root)
+        self.keep = keep
+        self.seq = self.latest_seq()  # the newest complete checkpoint's number (0: none)
+        if rank_and_world()[0] == 0 and self.root.is_dir():
+            for junk in self.root.glob(".tmp-*"):  # left by a process killed while saving
+                shutil.rmtree(junk, ignore_errors=True)
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first (rank 0's view, shared with every rank)."""
+        found = []
+        if rank_and_world()[0] == 0 and self.root.is_dir():
+            found = sorted(
+                p for p in self.root.iterdir() if CKPT_RE.match(p.name) and (p / "meta.pt").is_file()
+            )
+        return [Path(p) for p in _broadcast([str(p) for p in found])]
+
+    def latest_seq(self) -> int:
+        paths = self.complete()
+        return int(CKPT_RE.match(paths[-1].name).group(1)) if paths else 0
+
+    def latest(self) -> tuple[Path, dict] | None:
+        """(path, meta) of the newest complete checkpoint, or None."""
+        paths = self.complete()
+        if not paths:
+            return None
+        return paths[-1], torch.load(paths[-1] / "meta.pt", weights_only=False)
+
+    def save(
+        self,
+        meta: dict,
+        modules: dict[str, nn.Module] | None = None,
+        optimizers=(),
+        kill_point: tuple[str, int] | None = None,
+    ) -> Path:
+        """Collective: write checkpoint number seq+1 atomically; prune to the last `keep`."""
+        rank, _ = rank_and_world()
+        self.seq += 1
+        final = self.root / f"ckpt-{self.seq:06d}"
+        tmp = self.root / f".tmp-{final.name}"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        if modules:
+            save_tensors(tmp / "state", modules, optimizers)
+        save_file(rng_state(), tmp / f"rng-rank{rank}.pt")
+        if rank == 0:
+            save_file({**meta, "seq": self.seq}, tmp / "meta.pt")
+        if kill_point is not None:
+            maybe_kill(*kill_point, phase="saving")
+        barrier()  # every rank's files are on disk before the rename makes them a checkpoint
+        if rank == 0:
+            publish(tmp, final)
+            for old in self.complete_local()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    def complete_local(self) -> list[Path]:
+        return sorted(p for p in self.root.iterdir() if CKPT_RE.match(p.name))
+
+    def restore(self, path: Path, modules: dict[str, nn.Module] | None = None, optimizers=()) -> None:
+        """Collective: load checkpoint `path`'s tensors into modules/optimizers and this rank's RNG.
+        A rank without its own RNG file (resumed on more ranks than saved) keeps a fresh seed from
+        rank 0's state plus its rank, and says so."""
+        rank, _ = rank_and_world()
+        if modules:
+            load_tensors(path / "state", modules, optimizers)
+        own = path / f"rng-rank{rank}.pt"
+        if own.is_file():
+            set_rng_state(torch.load(own, weights_only=False))
+        else:
+            set_rng_state(torch.load(path / "rng-rank0.pt", weights_only=False))
+            torch.manual_seed(torch.initial_seed() + rank)
+            print(f"[rlp-engine] rank {rank}: {path.name} has no RNG state for it; reseeded", flush=True)
+
+    # finished stages' output models
+    def save_artifact(self, stage: str, modules: dict[str, nn.Module]) -> None:
+        """Collective: the finished stage's models under stages/<stage>, atomically."""
+        rank, _ = rank_and_world()
+        final = self.root / "stages" / stage
+        tmp = final.with_name(f".tmp-{stage}")
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        if modules:
+            save_tensors(tmp / "state", modules)
+        barrier()
+        if rank == 0:
+            publish(tmp, final)
+        barrier()
+
+    def load_artifact(self, stage: str, modules: dict[str, nn.Module]) -> None:
+        path = self.root / "stages" / stage / "state"
+        if modules:
+            if not path.is_dir():
+                raise FileNotFoundError(
+                    f"resume: {path} is missing (the checkpoint says stage {stage} finished)"
+                )
+            load_tensors(path, modules)
+
+
+# ---------------------------------------------------------------- what a training loop sees
+
+
+@dataclass
+class LoopCheckpoint:
+    """The checkpoint handle of one training loop (one pipeline stage).
+
+    At its start the loop calls `resume(modules, optimizers)`: the loop state saved inside this
+    stage (a dict the loop wrote: step, scheduler, generators, ...) after loading the tensors and
+    RNG, or None to start from step 0. After each step it calls `step_done(step, total, state)`
+    with the number of finished steps; every `every` steps (not after the last one: the stage's
+    end writes its own checkpoint) `state()` -> (modules, optimizers, loop state) is saved."""
+
+    store: CheckpointStore
+    stage: str
+    every: int
+    base_meta: Callable[[], dict]  # the pipeline's part of the meta (config, finished stages, ...)
+    resume_from: tuple[Path, dict] | None = None  # a checkpoint inside this stage
+    saved: list[int] = field(default_factory=list)
+
+    def resume(self, modules: dict[str, nn.Module], optimizers=()) -> dict | None:
+        if self.resume_from is None:
+            return None
+        path, meta = self.resume_from
+        self.resume_from = None
+        self.store.restore(path, modules, optimizers)
+        return meta["loop"]
+
+    def step_done(self, step: int, total: int, state: Callable[[], tuple[dict, list, dict]]) -> None:
+        if self.every > 0 and step % self.every == 0 and step < total:
+            modules, optimizers, loop = state()
+            meta = {**self.base_meta(), "stage": self.stage, "loop": {**loop, "step": step}}
+            self.store.save(meta, modules, optimizers, kill_point=(self.stage, step))
+            self.saved.append(step)
+        maybe_kill(self.stage, step)
+
+
+def generator_states(*gens: torch.Generator) -> list[torch.Tensor]:
+    return [g.get_state() for g in gens]
+
+
+def set_generator_states(gens, states) -> None:
+    for g, s in zip(gens, states, strict=True):
+        g.set_state(s)
