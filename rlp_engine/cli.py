@@ -63,9 +63,17 @@ def _train(args, cfg) -> int:
     check_limits(cfg.data)
     check_paths(cfg)
     from rlp_engine.engine.distributed import shutdown
+    from rlp_engine.engine.guards import NonFiniteError
     from rlp_engine.engine.pipeline import run_pipeline
 
-    report = run_pipeline(cfg, resume=args.resume)
+    try:
+        report = run_pipeline(cfg, resume=args.resume)
+    except NonFiniteError as err:  # training diverged: say so, and where the last good state is
+        print(f"rlp-engine: stopped: {err}", file=sys.stderr)
+        print(
+            f"rlp-engine: the last complete checkpoint is under {cfg.run.output_dir}/resume", file=sys.stderr
+        )
+        return 3
     shutdown()  # destroys the process group under torchrun; nothing single-process
     if not report:  # a rank other than 0: rank 0 reports
         return 0

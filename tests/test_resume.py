@@ -201,3 +201,17 @@ def test_store_keeps_the_last_k_and_ignores_unfinished(tmp_path):
     assert not (tmp_path / ".tmp-ckpt-000005").exists()
     with pytest.raises(ValueError, match="keep_checkpoints"):
         CheckpointStore(tmp_path, keep=0)
+
+
+def test_diverging_run_skips_non_finite_steps_then_stops_with_a_clear_error(tmp_path, capsys):
+    """A learning rate of 1e9 makes SFT's gradients non-finite from the second step: those steps are
+    skipped and counted, and past run.max_nonfinite_steps the run stops (exit 3) naming the key,
+    leaving its last checkpoint and no report."""
+    out = tmp_path / "run"
+    rc = main(["train", "--output-dir", str(out), *ARGS, "sft.lr=1e9", "run.max_nonfinite_steps=2"])
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "sft: 3 steps with a non-finite loss or gradient" in err and "run.max_nonfinite_steps=2" in err
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["nonfinite_steps"] for x in lines] == [0, 1, 2]
+    assert (out / "resume" / "ckpt-000001" / "meta.pt").is_file() and not (out / "report.json").exists()
