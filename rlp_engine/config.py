@@ -120,6 +120,10 @@ class PPOConfig:
     top_p: float = 1.0
     # train -> generate switch: the actor's weights stream into the generation model in buckets
     sync_bucket_mb: float = 64.0
+    # truncated importance sampling: the policy loss of each token is weighted by
+    # min(pi_trainer / pi_generator, tis_cap) when the generator's log-probs differ from the trainer's
+    # (vLLM, bf16 kernels); 0 turns it off. ~1 with the built-in generator (same math).
+    tis_cap: float = 2.0
 
 
 @dataclass

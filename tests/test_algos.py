@@ -1,6 +1,7 @@
 """RLP pieces on hand-worked cases (clustering, confidence, pair choice, reward shaping, BT loss, the
 UML views) and a PPO update that lowers its loss on a fixed batch."""
 
+import dataclasses
 import math
 import random
 
@@ -17,7 +18,7 @@ from rlp_engine.algos import (
     spg_pair,
     synthetic_preferences,
 )
-from rlp_engine.algos.ppo import ppo_losses, train_on_experience
+from rlp_engine.algos.ppo import ppo_losses, tis_weights, train_on_experience
 from rlp_engine.algos.rlp import EQUIVALENCES, MultiViewData, ib_loss_fn
 from rlp_engine.config import load_config
 from rlp_engine.engine.generate import sample
@@ -143,3 +144,36 @@ def test_ppo_update_lowers_its_loss_on_a_fixed_batch(tiny):
     assert not any(p.requires_grad for p in state.ref.parameters())
     moved = any((a - b).abs().max() > 0 for a, b in zip(state.actor.parameters(), policy.parameters()))
     assert moved
+
+
+def test_tis_weights_truncate_the_trainer_over_generator_ratio():
+    torch.manual_seed(3)
+    trainer, gen = torch.randn(4, 7) - 2.0, torch.randn(4, 7) - 2.0
+    mask = (torch.rand(4, 7) > 0.3).float()
+    got = tis_weights(trainer, gen, mask, cap=1.5)
+    want = torch.minimum((trainer.double() - gen.double()).exp(), torch.tensor(1.5, dtype=torch.float64))
+    torch.testing.assert_close(got.double(), want * mask, rtol=1e-6, atol=1e-7)
+    assert got.max() <= 1.5 and (got[mask == 0] == 0).all()
+
+
+def test_ppo_policy_loss_is_weighted_by_the_generators_tis_weights(tiny):
+    """Generator log-probs lower than the trainer's by log 3 on every token give weights min(3, cap)
+    on every token: with token-mean aggregation the policy loss scales by exactly that factor."""
+    cfg, tok, policy = tiny
+    rm = ScalarHeadModel.from_causal_lm(policy)
+    state = init_ppo(policy, rm, tok, dataclasses.replace(cfg.ppo), cfg.data, seed=0)  # a copy: edited below
+    prompts = [f"{a}+{b}=" for a in range(3) for b in range(3)]
+    tp = Throughput()
+    s = sample(state.actor, tok, prompts, cfg.ppo, cfg.data)
+    plain = make_experience(state, s.batch, tp)
+    assert plain.is_weights is None
+    everything = torch.arange(len(s.batch))
+    _, m0 = ppo_losses(state, plain, everything)
+    for cap in (2.0, 5.0):
+        state.cfg.tis_cap = cap
+        shifted = make_experience(state, s.batch, tp, plain.old_logprobs - math.log(3.0))
+        torch.testing.assert_close(shifted.is_weights, min(3.0, cap) * s.batch.response_mask)
+        _, m1 = ppo_losses(state, shifted, everything)
+        torch.testing.assert_close(m1["pg_loss"], min(3.0, cap) * m0["pg_loss"], rtol=1e-5, atol=1e-7)
+    state.cfg.tis_cap = 0.0  # off: no weights even with generator log-probs
+    assert make_experience(state, s.batch, tp, plain.old_logprobs - 1.0).is_weights is None

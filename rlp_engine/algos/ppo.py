@@ -56,6 +56,7 @@ class Experience:
     returns: torch.Tensor  # (B, R)
     scores: torch.Tensor  # (B,) raw reward-model scores
     kl: torch.Tensor  # (B, R)
+    is_weights: torch.Tensor | None = None  # (B, R) truncated IS weights trainer / generator, or None
 
 
 def init_ppo(policy, reward_model: ScalarHeadModel, tokenizer, cfg, data_cfg, seed: int = 0) -> PPOState:
@@ -88,9 +89,21 @@ def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, b
     return rewards.scatter_add(1, last[:, None], scores.float()[:, None])
 
 
+def tis_weights(
+    trainer_lp: torch.Tensor, gen_lp: torch.Tensor, mask: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance weights min(exp(trainer_lp - gen_lp), cap) of the sampled tokens [B, R]:
+    PPO's ratio is taken against the trainer's old log-probs, but the tokens came from the generator,
+    whose numerics (vLLM, other kernels, bf16) may differ; the cap bounds the variance. 0 on padding."""
+    return torch.exp((trainer_lp - gen_lp).float()).clamp(max=cap) * mask
+
+
 @torch.no_grad()
-def make_experience(state: PPOState, batch: SeqBatch, throughput: Throughput) -> Experience:
-    """Scoring phase: log-probs under actor and reference, values, scores, rewards, advantages."""
+def make_experience(
+    state: PPOState, batch: SeqBatch, throughput: Throughput, gen_logprobs: torch.Tensor | None = None
+) -> Experience:
+    """Scoring phase: log-probs under actor and reference, values, scores, rewards, advantages, and
+    (given the generator's log-probs and cfg.tis_cap > 0) the truncated IS weights."""
     cfg = state.cfg
     mask = batch.response_mask
     with throughput.phase("scoring") as rec:
@@ -116,7 +129,10 @@ def make_experience(state: PPOState, batch: SeqBatch, throughput: Throughput) ->
         if cfg.whiten_advantages:
             adv = ops.masked_whiten(adv, mask)
         rec["tokens"] = 4 * batch.num_tokens()  # actor, reference, critic and reward-model passes
-    return Experience(batch, old_lp, ref_lp, values, adv * mask, ret * mask, scores, kl)
+    isw = None
+    if gen_logprobs is not None and cfg.tis_cap > 0:
+        isw = tis_weights(old_lp, gen_logprobs, mask, cfg.tis_cap)
+    return Experience(batch, old_lp, ref_lp, values, adv * mask, ret * mask, scores, kl, isw)
 
 
 def ppo_losses(state: PPOState, exp: Experience, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -142,6 +158,7 @@ def ppo_losses(state: PPOState, exp: Experience, idx: torch.Tensor) -> tuple[tor
         clip_low=cfg.clip,
         clip_high=cfg.clip,
         agg=cfg.agg,
+        is_weights=None if exp.is_weights is None else exp.is_weights[idx],
     )
     values = critic_values(state.critic, b)
     vf_loss, vf_m = ops.ppo_value_loss(
@@ -224,7 +241,7 @@ def ppo_step(
         with throughput.phase("generation") as rec:
             samples = sample(state.gen_model, state.tokenizer, prompts, state.cfg, state.data_cfg, n=1)
             rec["tokens"] = int(samples.batch.response_mask.sum())
-    exp = make_experience(state, samples.batch, throughput)
+    exp = make_experience(state, samples.batch, throughput, samples.logprobs)
     metrics = train_on_experience(state, exp, throughput, step)
     mask = exp.batch.response_mask
     stats = {
@@ -242,6 +259,7 @@ def ppo_step(
         truncated=to_float(samples.truncated.float()),
         # generator vs trainer log-probs of the same tokens (the trainer's are the ones PPO uses)
         gen_logprob_gap=to_float(ops.masked_mean((samples.logprobs - exp.old_logprobs).abs(), mask)),
+        tis_weight=to_float(ops.masked_mean(exp.is_weights, mask)) if exp.is_weights is not None else 1.0,
         switch_seconds=switch.seconds,
         switch_bytes=switch.bytes,
         switch_buckets=switch.buckets,
