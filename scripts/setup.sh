@@ -10,5 +10,8 @@ PY=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==${RLP_TORCH:-2.13.0}"
 fi
-extras=${RLP_EXTRAS:-dev,train}
+# deepspeed: a source package, pure Python when DS_BUILD_OPS=0 (its CPU comm op is compiled on first
+# use, ~1 min once, cached in ~/.cache/torch_extensions); its ZeRO-3 test runs on CPU with gloo.
+export DS_BUILD_OPS=${DS_BUILD_OPS:-0}
+extras=${RLP_EXTRAS:-dev,train,deepspeed}
 .venv/bin/python -m pip install -q --no-build-isolation -e ".[${extras}]"

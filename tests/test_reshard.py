@@ -1,13 +1,11 @@
 """Bucketed weight sync in one process: exact copies, bucket bounds, name maps, tp slices, errors;
 the ZeRO-3 wrapper (config, missing deepspeed, module-by-module gather against a fake
-`deepspeed.zero.GatheredParameters`, and a real one-process gather when deepspeed is installed).
-(The sharded FSDP2 -> full-weights path runs in tests/test_distributed.py with 2 processes.)"""
+`deepspeed.zero.GatheredParameters`). The sharded paths run with 2 processes: FSDP2 -> full weights in
+tests/test_distributed.py, a real ZeRO-3 gather (DeepSpeed installed) in tests/test_deepspeed.py."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import os
 import sys
 import types
 
@@ -178,26 +176,3 @@ def test_gather_module_by_module_into_buckets(monkeypatch):
     assert record.buckets > 1
     for a, b in zip(src.parameters(), dst.parameters()):
         assert torch.equal(a, b)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-def test_real_zero3_gather_on_cpu(monkeypatch):
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    try:
-        src, ref = _ds_policy(), _ds_policy()
-        opt = torch.optim.AdamW(src.parameters(), lr=1e-3)
-        engine = deepspeed_backend.initialize(src, opt, deepspeed_backend.zero3_config(2, bf16=False))
-        dst = _ds_policy()
-        sink = reshard.ModuleSink(dst)
-        deepspeed_backend.sync_zero3(engine, sink, bucket_mb=0.001)
-        sink.check_complete()
-        for a, b in zip(ref.parameters(), dst.parameters()):
-            assert torch.equal(a, b)
-    finally:  # later tests in this session expect no process group
-        torch.distributed.destroy_process_group()

@@ -5,6 +5,13 @@
 (`deepspeed.zero.GatheredParameters`) so that `sync_zero3` streams them into the generation side
 through the same buckets as FSDP2 (rlp_engine.engine.reshard): one module's parameters are whole
 at a time, never the model.
+
+Setup (tests/test_deepspeed.py runs it on CPU with 2 processes): join the process group first
+(rlp_engine.engine.distributed.init_distributed; `deepspeed.initialize` adopts an existing group, gloo
+on CPU, where DS_ACCELERATOR=cpu and no oneCCL is needed) and wrap the policy as the pipeline trains it,
+`CausalLMLogprobs(lm)`, with a plain torch optimizer. The fused log-prob op reads the LM head's weight
+outside `lm_head`'s forward; ZeRO-3 notices the access to a partitioned parameter during the wrapper's
+forward, gathers it and registers it as an external parameter of the wrapper, so nothing is needed for it.
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ def import_deepspeed():
         return importlib.import_module("deepspeed")
     except ImportError as err:
         raise ImportError(
-            "the ZeRO-3 backend needs DeepSpeed (pip install 'rlp-engine[deepspeed]'; its first run "
-            "compiles CPU ops, about 80 s); FSDP2 (rlp_engine.engine.fsdp) needs nothing extra"
+            "the ZeRO-3 backend needs DeepSpeed (pip install 'rlp-engine[deepspeed]'; on CPU its first "
+            "process group compiles the deepspeed_shm_comm op once, about 100 s of CPU); "
+            "FSDP2 (rlp_engine.engine.fsdp) needs nothing extra"
         ) from err
 
 
