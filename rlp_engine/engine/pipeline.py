@@ -225,6 +225,19 @@ def _reward_model(policy, device, latent_dim: int | None = None) -> ScalarHeadMo
     return rm.to(device)
 
 
+def _ppo_stage(run: Run, name: str, policy, reward_model, tokenizer, prompts: list[str]):
+    """The PPO stage `name` from the SFT `policy` against `reward_model`; returns the trained actor
+    (a finished stage: a copy of `policy` holding its saved actor weights)."""
+    with run.stage(name) as st:
+        if st.done:
+            actor = copy.deepcopy(policy)
+        else:
+            cfg = run.cfg
+            actor = ppo(policy, reward_model, tokenizer, prompts, cfg.ppo, cfg.data, **run.ppo_kwargs(st))
+        st.keep({"actor": actor}, export=actor, tokenizer=tokenizer)
+    return actor
+
+
 def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, dict]:
     """Stages 1-6. Returns (policies, reward models, extra info) keyed by name. A resumed run loads
     the outputs of the stages it had finished and continues the one it was inside."""
@@ -243,12 +256,7 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
         st.keep({"rm": rm}, export=rm, tokenizer=tokenizer)
     policies, rms, info = {"sft": policy}, {"rm": rm}, {}
     prompts = data.prompts
-    with run.stage("ppo") as st:
-        if st.done:
-            policies["ppo"] = copy.deepcopy(policy)
-        else:
-            policies["ppo"] = ppo(policy, rm, tokenizer, prompts, cfg.ppo, cfg.data, **run.ppo_kwargs(st))
-        st.keep({"actor": policies["ppo"]}, export=policies["ppo"], tokenizer=tokenizer)
+    policies["ppo"] = _ppo_stage(run, "ppo", policy, rm, tokenizer, prompts)
     if not stages & {"uml", "spg"}:
         return policies, rms, info
     with run.stage("sample") as st:
@@ -273,14 +281,7 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
                 )
             rms["rm_uml"].requires_grad_(False)
             st.keep({"rm": rms["rm_uml"]}, export=rms["rm_uml"], tokenizer=tokenizer)
-        with run.stage("ppo_uml") as st:
-            if st.done:
-                policies["rlp_uml"] = copy.deepcopy(policy)
-            else:
-                policies["rlp_uml"] = ppo(
-                    policy, rms["rm_uml"], tokenizer, prompts, cfg.ppo, cfg.data, **run.ppo_kwargs(st)
-                )
-            st.keep({"actor": policies["rlp_uml"]}, export=policies["rlp_uml"], tokenizer=tokenizer)
+        policies["rlp_uml"] = _ppo_stage(run, "ppo_uml", policy, rms["rm_uml"], tokenizer, prompts)
     if "spg" in stages:
         with run.stage("rm_spg") as st:
             stats = None
@@ -304,14 +305,7 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
                     stats["synthetic_pair_gold_acc"] = right / len(synthetic)
             rms["rm_spg"].requires_grad_(False)
             info["spg"] = st.keep({"rm": rms["rm_spg"]}, {"stats": stats}, rms["rm_spg"], tokenizer)["stats"]
-        with run.stage("ppo_spg") as st:
-            if st.done:
-                policies["rlp_spg"] = copy.deepcopy(policy)
-            else:
-                policies["rlp_spg"] = ppo(
-                    policy, rms["rm_spg"], tokenizer, prompts, cfg.ppo, cfg.data, **run.ppo_kwargs(st)
-                )
-            st.keep({"actor": policies["rlp_spg"]}, export=policies["rlp_spg"], tokenizer=tokenizer)
+        policies["rlp_spg"] = _ppo_stage(run, "ppo_spg", policy, rms["rm_spg"], tokenizer, prompts)
     return policies, rms, info
 
 
