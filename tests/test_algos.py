@@ -117,7 +117,7 @@ def test_uml_loss_reaches_encoder_and_backbone(tiny):
     rm = ScalarHeadModel.from_causal_lm(policy)
     rm.encoder = GaussianEncoder(rm.head.in_features, 4)
     samples = PolicySamples(["1+1=", "2+2=", "3+3="], [["2", "3"], ["4", "5"], ["6", "7"]])
-    loss, metrics = ib_loss_fn(rm, MultiViewData(tok, samples, cfg.data), 3, beta=1.0, lam=0.5, seed=0)(0)
+    loss, metrics = ib_loss_fn(rm, MultiViewData(tok, samples, cfg.data), 3, beta=1.0, lam=0.5, seed=0)(0, rm)
     loss.backward()
     assert torch.isfinite(loss) and set(metrics) == {"ib_loss", "mi", "skl"}
     assert rm.encoder.mu[0].weight.grad.abs().sum() > 0

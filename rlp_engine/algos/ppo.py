@@ -20,13 +20,14 @@ from rlp_engine import ops
 from rlp_engine.engine.batch import SeqBatch
 from rlp_engine.engine.checkpoint import LoopCheckpoint
 from rlp_engine.engine.distributed import rank_and_world, shard
+from rlp_engine.engine.fsdp import load_full_weights, prepare_for_training
 from rlp_engine.engine.generate import sample
 from rlp_engine.engine.guards import NonFiniteGuard, guarded_step
 from rlp_engine.engine.metrics import MetricsLogger, Throughput, masked_stats, progress, to_float
 from rlp_engine.engine.offload import offloaded
 from rlp_engine.engine.reshard import sync_to_module
 from rlp_engine.models.heads import ScalarHeadModel
-from rlp_engine.models.policy import response_logprobs
+from rlp_engine.models.policy import response_logprobs, unwrap_lm
 
 
 @dataclass
@@ -63,11 +64,15 @@ def init_ppo(policy, reward_model: ScalarHeadModel, tokenizer, cfg, data_cfg, se
     """A PPOState from the SFT `policy` (copied into actor and reference) and `reward_model` (copied
     into the critic; the original stays frozen as the scorer). One AdamW over actor and critic, as
     AlpacaFarm (its vf_coef weighs the two losses)."""
-    actor = copy.deepcopy(policy).train()
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    # Under torchrun all four are FSDP2-sharded (the frozen ones too: each is as large as the actor,
+    # and sharded only one unit is ever gathered); single-process they are plain modules, as before.
+    actor = prepare_for_training(copy.deepcopy(policy).train())
+    ref = prepare_for_training(copy.deepcopy(policy).eval().requires_grad_(False))
     critic = copy.deepcopy(reward_model).train().requires_grad_(True)
     critic.encoder = None
-    reward_model = reward_model.eval().requires_grad_(False)
+    critic = prepare_for_training(critic)
+    # copy=True: the caller's reward model stays a full model (rank 0 evaluates with it)
+    reward_model = prepare_for_training(reward_model.eval().requires_grad_(False), copy=True)
     params = list(actor.parameters()) + list(critic.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -306,7 +311,7 @@ def ppo(
     state.guard = NonFiniteGuard(max_nonfinite_steps, stage)
     order = torch.randperm(len(prompts), generator=state.generator).tolist()
     pos = start = 0
-    modules = {"actor": state.actor, "critic": state.critic}
+    modules = {"actor": unwrap_lm(state.actor), "critic": state.critic}  # HF names on any world size
     saved = ckpt.resume(modules, [state.optimizer]) if ckpt else None
     if saved is not None:
         start, order, pos = saved["step"], saved["order"], saved["pos"]
@@ -328,4 +333,5 @@ def ppo(
             logger.log(stage, step, metrics)
         if ckpt:
             ckpt.step_done(step + 1, cfg.steps, loop_state)
-    return state.actor.eval()
+    load_full_weights(state.gen_model, state.actor)  # the full trained actor, on every rank
+    return state.gen_model.eval()

@@ -12,7 +12,7 @@ from rlp_engine.data.records import Preference
 from rlp_engine.engine.batch import Encoded, SeqBatch, join, make_batch, pad_left, pad_right
 from rlp_engine.engine.checkpoint import LoopCheckpoint, generator_states, set_generator_states
 from rlp_engine.engine.distributed import shard
-from rlp_engine.engine.fsdp import broadcast_module
+from rlp_engine.engine.fsdp import load_full_weights, prepare_for_training
 from rlp_engine.engine.guards import NonFiniteGuard, guarded_step
 from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress
 from rlp_engine.models.heads import ScalarHeadModel
@@ -73,37 +73,42 @@ def train_reward_model(
     throughput = throughput or Throughput()
     data = PairData(tokenizer, pairs, data_cfg)
     device = next(rm.parameters()).device
-    opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=getattr(cfg, "weight_decay", 0.0))
+    # FSDP2 under torchrun: a sharded copy of rank 0's `rm` (fresh heads differ per rank until this
+    # broadcast); single-process `rm` itself
+    train = prepare_for_training(rm, copy=True)
+    opt = torch.optim.AdamW(train.parameters(), lr=cfg.lr, weight_decay=getattr(cfg, "weight_decay", 0.0))
     gen = torch.Generator().manual_seed(seed)
-    # identical starting weights on every rank: fresh heads come from each rank's random state
-    broadcast_module(rm)
-    rm.train()
+    train.train()
     last: dict[str, float] = {}
     gens = [gen, *getattr(extra_loss, "generators", ())]
     guard = NonFiniteGuard(max_nonfinite_steps, stage)
     start = 0
-    saved = ckpt.resume({"model": rm}, [opt]) if ckpt else None
+    saved = ckpt.resume({"model": train}, [opt]) if ckpt else None
     if saved is not None:
         start, last, guard = saved["step"], saved["last"], NonFiniteGuard(**saved["guard"])
         set_generator_states(gens, saved["gens"])
 
     def state():
-        return {"model": rm}, [opt], {"gens": generator_states(*gens), "last": last, "guard": asdict(guard)}
+        return (
+            {"model": train},
+            [opt],
+            {"gens": generator_states(*gens), "last": last, "guard": asdict(guard)},
+        )
 
     for step in progress(range(start, cfg.steps), desc=stage, enabled=show_progress):
         idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=gen)
         batch = data.batch(shard(idx)).to(device)  # this rank's share of the global batch
         with throughput.phase("training") as rec:
-            r_w, r_l = pair_rewards(rm, batch)
+            r_w, r_l = pair_rewards(train, batch)
             loss = bt_loss(r_w, r_l)
             metrics = {"bt_loss": loss, "acc": (r_w > r_l).float().mean()}
             if extra_loss is not None:
-                extra, extra_metrics = extra_loss(step)
+                extra, extra_metrics = extra_loss(step, train)
                 loss = loss + extra
                 metrics.update(extra_metrics)
             _, grad_norm = guarded_step(
                 loss,
-                rm.parameters(),
+                train.parameters(),
                 opt,
                 max_grad_norm=getattr(cfg, "max_grad_norm", 1.0),
                 guard=guard,
@@ -115,6 +120,7 @@ def train_reward_model(
             last = logger.log(stage, step, {"loss": loss, **metrics})
         if ckpt:
             ckpt.step_done(step + 1, cfg.steps, state)
+    load_full_weights(rm, train)  # the trained weights into `rm` on every rank (no-op single-process)
     return last
 
 

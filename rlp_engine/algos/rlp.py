@@ -185,7 +185,7 @@ def ib_loss_fn(
     noise = torch.Generator().manual_seed(seed + 1)
     device = next(rm.parameters()).device
 
-    def extra_loss(step: int):
+    def extra_loss(step: int, rm: ScalarHeadModel):  # rm: the module being trained (sharded or not)
         idx = shard(torch.randint(len(views), (min(batch_size, len(views)),), generator=gen))
         b1, b2 = views.view1.batch(idx).to(device), views.view2.batch(idx).to(device)
         mu1, logvar1 = rm.encoder(rm.final_hidden(b1.input_ids, b1.attention_mask))

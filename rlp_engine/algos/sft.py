@@ -15,10 +15,10 @@ from rlp_engine.data.records import Example
 from rlp_engine.engine.batch import Encoded, SeqBatch
 from rlp_engine.engine.checkpoint import LoopCheckpoint
 from rlp_engine.engine.distributed import shard
-from rlp_engine.engine.fsdp import broadcast_module
+from rlp_engine.engine.fsdp import load_full_weights, prepare_for_training
 from rlp_engine.engine.guards import NonFiniteGuard, guarded_step
 from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress
-from rlp_engine.models.policy import response_logprobs
+from rlp_engine.models.policy import response_logprobs, unwrap_lm
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -59,15 +59,16 @@ def sft(
     throughput = throughput or Throughput()
     enc = Encoded(tokenizer, [e.prompt for e in examples], [e.response for e in examples], data_cfg)
     device = next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # FSDP2 under torchrun: a sharded copy of rank 0's `model`; single-process `model` itself
+    train = prepare_for_training(model, copy=True)
+    opt = torch.optim.AdamW(train.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup_steps))
     gen = torch.Generator().manual_seed(seed)
-    broadcast_module(model)  # identical starting weights on every rank (no-op single-process)
-    model.train()
+    train.train()
     last: dict[str, float] = {}
     guard = NonFiniteGuard(max_nonfinite_steps, stage)
     start = 0
-    saved = ckpt.resume({"model": model}, [opt]) if ckpt else None
+    saved = ckpt.resume({"model": unwrap_lm(train)}, [opt]) if ckpt else None
     if saved is not None:
         start, last, guard = saved["step"], saved["last"], NonFiniteGuard(**saved["guard"])
         sched.load_state_dict(saved["sched"])
@@ -75,16 +76,16 @@ def sft(
 
     def state():
         loop = {"sched": sched.state_dict(), "gen": gen.get_state(), "last": last, "guard": asdict(guard)}
-        return {"model": model}, [opt], loop
+        return {"model": unwrap_lm(train)}, [opt], loop
 
     for step in progress(range(start, cfg.steps), desc=stage, enabled=show_progress):
         idx = torch.randint(len(enc), (cfg.batch_size,), generator=gen)
         batch = enc.batch(shard(idx)).to(device)
         with throughput.phase("training") as rec:
-            loss = sft_loss(model, batch)
+            loss = sft_loss(train, batch)
             _, grad_norm = guarded_step(
                 loss,
-                model.parameters(),
+                train.parameters(),
                 opt,
                 max_grad_norm=cfg.max_grad_norm,
                 guard=guard,
@@ -97,4 +98,5 @@ def sft(
             last = logger.log(stage, step, {**metrics, "nonfinite_steps": guard.count})
         if ckpt:
             ckpt.step_done(step + 1, cfg.steps, state)
+    load_full_weights(model, train)  # the trained weights into `model` on every rank (no-op single-process)
     return last

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from rlp_engine.models.policy import unwrap_lm
+
 log = logging.getLogger("rlp_engine.engine")
 
 _ALIGN = 64  # bytes: every packed tensor starts on a 64-byte boundary (vector loads, any dtype view)
@@ -50,7 +52,11 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def iter_full_params(model: nn.Module, include_buffers: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) for each parameter (and persistent buffer when asked), one at a time."""
+    """(name, full tensor) for each parameter (and persistent buffer when asked), one at a time.
+    A CausalLMLogprobs (the training wrapper) gives its LM's names, as the generation copy has them.
+    Parameters FSDP2 left gathered after a forward (its root with reshard_after_forward=False) are
+    plain tensors at that moment, holding the same values as the shards: they pass through."""
+    model = unwrap_lm(model)
     for name, p in model.named_parameters():
         yield name, full_tensor(p)
     if include_buffers:

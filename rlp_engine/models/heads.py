@@ -47,26 +47,46 @@ class ScalarHeadModel(nn.Module):
         backbone = copy.deepcopy(lm.base_model)
         return cls(backbone, lm.config.hidden_size)
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last hidden states [B, T, H]."""
+    # Every public method goes through `forward` (self(...)): under FSDP2 that call is what gathers
+    # the root's parameters (embeddings, final norm, head), so no weight is read outside it.
+    OUTPUTS = ("hidden", "values", "final_hidden", "score")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, output: str = "values"):
+        """output: "hidden" [B, T, H], "values" [B, T] fp32, "final_hidden" [B, H] or "score" [B] fp32."""
+        if output not in self.OUTPUTS:
+            raise ValueError(f"ScalarHeadModel: output must be one of {self.OUTPUTS}, got {output!r}")
         out = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
         )
-        return out.last_hidden_state
+        h = out.last_hidden_state  # [B, T, H]
+        if output == "hidden":
+            return h
+        # values and score are returned as fresh tensors (clone: [B, T] or [B], cheap), not views of
+        # the head's [.., 1] output: FSDP2 hooks its backward onto a forward's outputs, and an
+        # in-place op on a returned view would bypass that hook (FSDP2 warns about views).
+        if output == "values":
+            return self.head(h).squeeze(-1).float().clone()
+        idx = last_token_index(attention_mask)
+        last = h[torch.arange(h.shape[0], device=h.device), idx]  # [B, H]
+        if output == "final_hidden":
+            return last
+        return self.head(last).squeeze(-1).float().clone()
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states [B, T, H]."""
+        return self(input_ids, attention_mask, output="hidden")
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Per-position scalar outputs [B, T] (fp32)."""
-        return self.head(self.hidden(input_ids, attention_mask)).squeeze(-1).float()
+        return self(input_ids, attention_mask, output="values")
 
     def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Hidden state at each row's last real token [B, H]."""
-        h = self.hidden(input_ids, attention_mask)
-        idx = last_token_index(attention_mask)
-        return h[torch.arange(h.shape[0], device=h.device), idx]
+        return self(input_ids, attention_mask, output="final_hidden")
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Reward per sequence, read at the last real token [B] (fp32)."""
-        return self.head(self.final_hidden(input_ids, attention_mask)).squeeze(-1).float()
+        return self(input_ids, attention_mask, output="score")
 
     def save_pretrained(self, directory: str | Path) -> None:
         """HF format for the backbone (save_pretrained) plus the head (and encoder) state dict."""
