@@ -188,6 +188,9 @@ class RunConfig:
     progress: bool = True
     stages: str = "all"  # "all", or a comma list among sft,rm,ppo,uml,spg
     backend: str = "auto"  # ops backend: "auto" (per device), or forced "torch", "cpp", "triton"
+    # training layout under torchrun (single process trains plain modules): "fsdp2" (default) or
+    # "deepspeed" (ZeRO-3, the optional deepspeed extra)
+    train_backend: str = "fsdp2"
     # under torchrun: bound on every collective (other ranks wait at a barrier while rank 0 evaluates)
     dist_timeout_s: float = 1800.0
     # crash safety: a resumable checkpoint every N optimizer steps inside a stage (0: only at stage
@@ -256,6 +259,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "spg.equivalence": ("final_answer", "exact"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "run.backend": ("auto", "torch", "cpp", "triton"),
+    "run.train_backend": ("fsdp2", "deepspeed"),
     "data.long_prompts": ("truncate", "drop", "error"),
 }
 
