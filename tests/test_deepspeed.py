@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from multiproc import run_ranks
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
@@ -26,42 +23,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 WORKER = Path(__file__).with_name("ds_worker.py")
-_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(out: Path, n: int = 2, worker_timeout: float = 60, limit_s: float = 300) -> tuple[list[int], str]:
-    """n worker processes with torchrun's environment set by hand (as tests/test_distributed.py does);
-    limit_s leaves room for a first run that compiles the shm op."""
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}
-    env.update(
-        OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(out), str(worker_timeout)],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(n)
-    ]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=limit_s)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-            p.wait()
-        pytest.fail(f"deepspeed workers still running after {limit_s} s (a rank hangs)")
-    return [p.returncode for p in procs], "\n".join(outs)
+    """n worker processes with torchrun's environment set by hand; limit_s leaves room for a first
+    run that compiles the shm op."""
+    argv = [str(WORKER), str(out), str(worker_timeout)]
+    codes, outs, _ = run_ranks(argv, n, limit_s, {"DS_ACCELERATOR": "cpu"})
+    return codes, "\n".join(outs)
 
 
 def test_zero3_ppo_update_matches_one_rank_and_gather_is_exact(tmp_path):

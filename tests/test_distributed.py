@@ -7,75 +7,26 @@ failure: the collective timeout and the excepthook must do it)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from multiproc import run_ranks, run_torchrun
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlp_engine.engine import distributed, fsdp, offload
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-TORCHRUN = Path(sys.executable).with_name("torchrun")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in distributed._ENV + ("LOCAL_WORLD_SIZE",)}
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
-
-
-def _wait(procs, limit_s: float) -> tuple[list[int], list[str], float]:
-    t0 = time.monotonic()
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=max(1.0, limit_s - (time.monotonic() - t0)))[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-            p.wait()
-        pytest.fail(f"processes still running after {limit_s} s (a rank hangs)")
-    return [p.returncode for p in procs], outs, time.monotonic() - t0
 
 
 def launch_plain(scenario: str, out: Path, n: int = 2, worker_timeout: float = 30, limit_s: float = 90):
     """n processes with torchrun's environment, no launcher."""
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), scenario, str(out), str(worker_timeout)],
-            env=_env(
-                RANK=str(r),
-                LOCAL_RANK=str(r),
-                WORLD_SIZE=str(n),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(n)
-    ]
-    return _wait(procs, limit_s)
+    return run_ranks([str(WORKER), scenario, str(out), str(worker_timeout)], n, limit_s)
 
 
 def launch_torchrun(scenario: str, out: Path, n: int = 2, worker_timeout: float = 30, limit_s: float = 90):
-    cmd = [str(TORCHRUN), f"--nproc_per_node={n}", "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
-    cmd += [str(WORKER), scenario, str(out), str(worker_timeout)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return _wait([proc], limit_s)
+    code, out_text, elapsed = run_torchrun([str(WORKER), scenario, str(out), str(worker_timeout)], n, limit_s)
+    return [code], [out_text], elapsed
 
 
 def test_fsdp_ppo_update_matches_one_rank_sync_is_exact_and_offload_round_trips(tmp_path):

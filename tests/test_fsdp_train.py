@@ -5,18 +5,14 @@ process on the whole batch (tests/fsdp_worker.py)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from multiproc import run_ranks
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlp_engine.engine import distributed, fsdp
+from rlp_engine.engine import fsdp
 from rlp_engine.models.heads import ScalarHeadModel, position_ids
 from rlp_engine.models.policy import CausalLMLogprobs, response_logprobs, unwrap_lm
 
@@ -119,44 +115,10 @@ def test_single_process_prepare_is_identity_and_full_weights_round_trip():
     fsdp.load_full_weights(lm, lm)  # the same module: nothing to do
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, n: int = 2, limit_s: float = 150.0) -> list[str]:
     """n worker processes with torchrun's environment (no launcher), OMP_NUM_THREADS=1."""
-    port = _free_port()
-    base = {k: v for k, v in os.environ.items() if k not in distributed._ENV + ("LOCAL_WORLD_SIZE",)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(out), "60"],
-            env={
-                **base,
-                "OMP_NUM_THREADS": "1",
-                "RANK": str(r),
-                "LOCAL_RANK": str(r),
-                "WORLD_SIZE": str(n),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-            },
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(n)
-    ]
-    t0, outs = time.monotonic(), []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=max(1.0, limit_s - (time.monotonic() - t0)))[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-            p.wait()
-        pytest.fail(f"FSDP workers still running after {limit_s} s")
-    assert [p.returncode for p in procs] == [0] * n, "\n".join(outs)
+    codes, outs, _ = run_ranks([str(WORKER), str(out), "60"], n, limit_s)
+    assert codes == [0] * n, "\n".join(outs)
     return outs
 
 

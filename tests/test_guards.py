@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from multiproc import run_ranks
 
-from rlp_engine.engine import distributed
 from rlp_engine.engine.guards import NonFiniteError, NonFiniteGuard, guarded_step
 from rlp_engine.engine.metrics import masked_stats
 
@@ -247,44 +243,10 @@ def test_masked_stats_no_mask_empty_mask_nan_inside_and_errors():
 WORKER = Path(__file__).with_name("guards_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_one_rank_nan_makes_every_rank_skip(tmp_path):
-    port, n = _free_port(), 2
-    base = {k: v for k, v in os.environ.items() if k not in distributed._ENV + ("LOCAL_WORLD_SIZE",)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(tmp_path), "30"],
-            env={
-                **base,
-                "OMP_NUM_THREADS": "1",
-                "RANK": str(r),
-                "LOCAL_RANK": str(r),
-                "WORLD_SIZE": str(n),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-            },
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(n)
-    ]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=90)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-            p.wait()
-        pytest.fail("guards_worker still running after 90 s (a rank hangs)")
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
-    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)]
+    codes, outs, _ = run_ranks([str(WORKER), str(tmp_path), "30"], 2, limit_s=90)
+    assert codes == [0, 0], "\n".join(outs)
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     expected = [True, True, False, True, False, True]  # step 2: rank 1's loss, step 4: rank 0's grad
     for layout in ("dp", "fsdp", "mixed"):
         for r in res:

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import pytest
 import torch
+from multiproc import clean_env, run_torchrun
 
 from rlp_engine.config import load_config
 from rlp_engine.engine import distributed
@@ -24,7 +21,6 @@ from rlp_engine.engine.generate import generator_for, sample
 from rlp_engine.models.loading import load_policy, load_tokenizer
 from rlp_engine.models.policy import response_logprobs
 
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 # The tiny preset cut to a few steps per stage: every stage runs, each rank on its share.
 SMALL = [
     "sft.steps=2",
@@ -40,28 +36,11 @@ SMALL = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(
     out: Path, extra_env: dict | None = None, limit_s: float = 90, extra: tuple = ()
 ) -> tuple[int, str, float]:
-    env = {k: v for k, v in os.environ.items() if k not in distributed._ENV + ("LOCAL_WORLD_SIZE",)}
-    env.update(OMP_NUM_THREADS="1", **(extra_env or {}))
-    cmd = [str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
-    cmd += ["-m", "rlp_engine.cli", "train", "--preset", "tiny", "--output-dir", str(out), *SMALL, *extra]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        output = proc.communicate(timeout=limit_s)[0]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"torchrun still running after {limit_s} s (a rank hangs)")
-    return proc.returncode, output, time.monotonic() - t0
+    argv = ["-m", "rlp_engine.cli", "train", "--preset", "tiny", "--output-dir", str(out), *SMALL, *extra]
+    return run_torchrun(argv, 2, limit_s, extra_env)
 
 
 def test_two_process_run_writes_one_report_from_rank_zero(tmp_path):
@@ -124,12 +103,9 @@ def test_rank_killed_mid_ppo_ends_the_job_and_its_checkpoint_resumes_on_one_proc
     assert (meta["stage"], meta["loop"]["step"], meta["world_size"]) == ("ppo", 1, 2)
     assert {p.name for p in latest.glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
     assert len(list((latest / "state").glob("*.distcp"))) == 2  # each rank wrote its part
-    env = {
-        k: v for k, v in os.environ.items() if k not in distributed._ENV and not k.startswith("RLP_ENGINE_")
-    }
     res = subprocess.run(
         [sys.executable, "-m", "rlp_engine.cli", "train", "--output-dir", str(out), "--resume"],
-        env={**env, "OMP_NUM_THREADS": "1"},
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=300,
