@@ -12,11 +12,13 @@ value losses over minibatches for a few epochs). All loss math goes through `rlp
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from rlp_engine import ops
+from rlp_engine.engine import deepspeed_backend
 from rlp_engine.engine.batch import SeqBatch
 from rlp_engine.engine.checkpoint import LoopCheckpoint
 from rlp_engine.engine.distributed import rank_and_world, shard
@@ -27,7 +29,7 @@ from rlp_engine.engine.metrics import MetricsLogger, Throughput, masked_stats, p
 from rlp_engine.engine.offload import offloaded
 from rlp_engine.engine.reshard import sync_to_module
 from rlp_engine.models.heads import ScalarHeadModel
-from rlp_engine.models.policy import response_logprobs, unwrap_lm
+from rlp_engine.models.policy import unwrap_lm
 
 
 @dataclass
@@ -45,6 +47,9 @@ class PPOState:
     generator: torch.Generator
     gen_model: torch.nn.Module  # generation copy of the actor, refreshed by sync_weights each rollout
     guard: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(10, "ppo"))  # skipped updates
+    # run.train_backend=deepspeed under torchrun: the ZeRO-3 engine training actor and critic (then
+    # routes to it, deepspeed_backend.Route); None: plain or FSDP2 modules and `optimizer` as is
+    engine: object = None
 
 
 @dataclass
@@ -60,10 +65,21 @@ class Experience:
     is_weights: torch.Tensor | None = None  # (B, R) truncated IS weights trainer / generator, or None
 
 
-def init_ppo(policy, reward_model: ScalarHeadModel, tokenizer, cfg, data_cfg, seed: int = 0) -> PPOState:
+def init_ppo(
+    policy,
+    reward_model: ScalarHeadModel,
+    tokenizer,
+    cfg,
+    data_cfg,
+    seed: int = 0,
+    train_backend: str = "fsdp2",
+) -> PPOState:
     """A PPOState from the SFT `policy` (copied into actor and reference) and `reward_model` (copied
     into the critic; the original stays frozen as the scorer). One AdamW over actor and critic, as
-    AlpacaFarm (its vf_coef weighs the two losses)."""
+    AlpacaFarm (its vf_coef weighs the two losses). train_backend "deepspeed" under torchrun: actor
+    and critic are one ZeRO-3 engine (one optimizer, one clip); the frozen two stay on FSDP2."""
+    if deepspeed_backend.use_zero3(train_backend):
+        return _init_ppo_zero3(policy, reward_model, tokenizer, cfg, data_cfg, seed)
     # Under torchrun all four are FSDP2-sharded (the frozen ones too: each is as large as the actor,
     # and sharded only one unit is ever gathered); single-process they are plain modules, as before.
     actor = prepare_for_training(copy.deepcopy(policy).train())
@@ -78,6 +94,33 @@ def init_ppo(policy, reward_model: ScalarHeadModel, tokenizer, cfg, data_cfg, se
     gen = torch.Generator().manual_seed(seed)
     gen_model = copy.deepcopy(policy).eval().requires_grad_(False)
     return PPOState(actor, critic, ref, reward_model, tokenizer, opt, cfg, data_cfg, gen, gen_model)
+
+
+def _init_ppo_zero3(policy, reward_model, tokenizer, cfg, data_cfg, seed: int) -> PPOState:
+    critic = copy.deepcopy(reward_model).train().requires_grad_(True)
+    critic.encoder = None
+    routes, engine, opt = deepspeed_backend.prepare_zero3(
+        {"actor": copy.deepcopy(policy).train(), "critic": critic},
+        lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0),
+        cfg.max_grad_norm,
+    )
+    ref = prepare_for_training(copy.deepcopy(policy).eval().requires_grad_(False))
+    reward_model = prepare_for_training(reward_model.eval().requires_grad_(False), copy=True)
+    gen = torch.Generator().manual_seed(seed)
+    gen_model = copy.deepcopy(policy).eval().requires_grad_(False)
+    return PPOState(
+        routes["actor"],
+        routes["critic"],
+        ref,
+        reward_model,
+        tokenizer,
+        opt,
+        cfg,
+        data_cfg,
+        gen,
+        gen_model,
+        engine=engine,
+    )
 
 
 def critic_values(critic: ScalarHeadModel, batch: SeqBatch) -> torch.Tensor:
@@ -112,14 +155,14 @@ def make_experience(
     cfg = state.cfg
     mask = batch.response_mask
     with throughput.phase("scoring") as rec:
-        old_lp = response_logprobs(
+        old_lp = deepspeed_backend.response_logprobs(
             state.actor,
             batch.input_ids,
             batch.attention_mask,
             batch.response_len,
             temperature=cfg.temperature,
         )
-        ref_lp = response_logprobs(
+        ref_lp = deepspeed_backend.response_logprobs(
             state.ref, batch.input_ids, batch.attention_mask, batch.response_len, temperature=cfg.temperature
         )
         values = critic_values(state.critic, batch) * mask
@@ -146,7 +189,7 @@ def ppo_losses(state: PPOState, exp: Experience, idx: torch.Tensor) -> tuple[tor
     b = exp.batch.select(idx)
     mask = b.response_mask
     want_entropy = cfg.entropy_coef > 0
-    out = response_logprobs(
+    out = deepspeed_backend.response_logprobs(
         state.actor,
         b.input_ids,
         b.attention_mask,
@@ -202,14 +245,19 @@ def train_on_experience(
             for start in range(0, n, mini):
                 idx = perm[start : start + mini].to(exp.batch.input_ids.device)
                 loss, metrics = ppo_losses(state, exp, idx)
-                applied, grad_norm = guarded_step(
-                    loss,
-                    params,
-                    state.optimizer,
-                    max_grad_norm=cfg.max_grad_norm,
-                    guard=state.guard,
-                    step=step,
-                )
+                if state.engine is not None:
+                    applied, grad_norm = deepspeed_backend.guarded_step(
+                        loss, state.engine, guard=state.guard, step=step
+                    )
+                else:
+                    applied, grad_norm = guarded_step(
+                        loss,
+                        params,
+                        state.optimizer,
+                        max_grad_norm=cfg.max_grad_norm,
+                        guard=state.guard,
+                        step=step,
+                    )
                 rec["tokens"] += int(exp.batch.attention_mask[idx].sum())
                 if not applied:
                     skipped += 1
@@ -241,8 +289,10 @@ def ppo_step(
     throughput = throughput or Throughput()
     # train -> generate switch: training state offloaded (a recorded no-op on CPU), the actor's
     # weights streamed into the generation model in buckets, generation, then reload.
-    with offloaded(state.actor, state.optimizer):
-        switch = sync_to_module(state.actor, state.gen_model, bucket_mb=state.cfg.sync_bucket_mb)
+    zero3 = state.engine is not None  # ZeRO-3: gathered module by module, no FSDP2 offload
+    with nullcontext() if zero3 else offloaded(state.actor, state.optimizer):
+        sync = deepspeed_backend.sync_route_to_module if zero3 else sync_to_module
+        switch = sync(state.actor, state.gen_model, bucket_mb=state.cfg.sync_bucket_mb)
         with throughput.phase("generation") as rec:
             samples = sample(state.gen_model, state.tokenizer, prompts, state.cfg, state.data_cfg, n=1)
             rec["tokens"] = int(samples.batch.response_mask.sum())
@@ -291,6 +341,7 @@ def ppo(
     gold=None,
     ckpt: LoopCheckpoint | None = None,
     max_nonfinite_steps: int = 10,
+    train_backend: str = "fsdp2",
 ) -> torch.nn.Module:
     """Run cfg.steps PPO iterations from `policy` (the SFT model, left untouched) against
     `reward_model`, cycling through `prompts` in shuffled order. Returns the trained actor.
@@ -307,11 +358,13 @@ def ppo(
             f"of the world size {world} (every rank takes an equal share)"
         )
     torch.manual_seed(seed + rank)  # the same weights everywhere (copied), different sampling noise
-    state = init_ppo(policy, reward_model, tokenizer, cfg, data_cfg, seed=seed)
+    state = init_ppo(policy, reward_model, tokenizer, cfg, data_cfg, seed=seed, train_backend=train_backend)
     state.guard = NonFiniteGuard(max_nonfinite_steps, stage)
     order = torch.randperm(len(prompts), generator=state.generator).tolist()
     pos = start = 0
     modules = {"actor": unwrap_lm(state.actor), "critic": state.critic}  # HF names on any world size
+    if state.engine is not None:
+        modules = {"actor_critic": state.engine}  # DeepSpeed's own checkpoint of the ZeRO-3 engine
     saved = ckpt.resume(modules, [state.optimizer]) if ckpt else None
     if saved is not None:
         start, order, pos = saved["step"], saved["order"], saved["pos"]

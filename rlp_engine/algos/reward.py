@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -9,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from rlp_engine.data.records import Preference
+from rlp_engine.engine import deepspeed_backend
 from rlp_engine.engine.batch import Encoded, SeqBatch, join, make_batch, pad_left, pad_right
 from rlp_engine.engine.checkpoint import LoopCheckpoint, generator_states, set_generator_states
-from rlp_engine.engine.distributed import shard
+from rlp_engine.engine.distributed import rank_and_world, shard
 from rlp_engine.engine.fsdp import load_full_weights, prepare_for_training
 from rlp_engine.engine.guards import NonFiniteGuard, guarded_step
 from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress
@@ -65,32 +67,50 @@ def train_reward_model(
     stage: str = "rm",
     ckpt: LoopCheckpoint | None = None,
     max_nonfinite_steps: int = 10,
+    train_backend: str = "fsdp2",
 ) -> dict[str, float]:
     """Train `rm` in place with Bradley-Terry on `pairs` for cfg.steps steps (cfg: RewardConfig or any
     config with steps, batch_size, lr). `extra_loss(step) -> (loss, metrics)` is added to every step's
-    loss (RLP-UML's lam * L_M). Returns the last logged metrics."""
+    loss (RLP-UML's lam * L_M). Returns the last logged metrics. train_backend: as in `sft` (the
+    UML loss reads the encoder outside the model's forward, so with extra_loss FSDP2 trains it)."""
     logger = logger or MetricsLogger()
     throughput = throughput or Throughput()
     data = PairData(tokenizer, pairs, data_cfg)
     device = next(rm.parameters()).device
-    # FSDP2 under torchrun: a sharded copy of rank 0's `rm` (fresh heads differ per rank until this
-    # broadcast); single-process `rm` itself
-    train = prepare_for_training(rm, copy=True)
-    opt = torch.optim.AdamW(train.parameters(), lr=cfg.lr, weight_decay=getattr(cfg, "weight_decay", 0.0))
+    weight_decay = getattr(cfg, "weight_decay", 0.0)
+    max_grad_norm = getattr(cfg, "max_grad_norm", 1.0)
+    # ZeRO-3 needs every call to go through the engine's forward; RLP-UML's loss calls rm.encoder
+    # (its critic too) outside it, so that stage stays on FSDP2
+    zero3 = deepspeed_backend.use_zero3(train_backend) and extra_loss is None
+    if deepspeed_backend.use_zero3(train_backend) and not zero3 and rank_and_world()[0] == 0:
+        print(f"[rlp-engine] {stage}: run.train_backend=deepspeed; this stage trains under FSDP2", flush=True)
+    if zero3:  # ZeRO-3 under torchrun: an engine over a copy of rank 0's `rm` (DeepSpeed broadcasts it)
+        routes, engine, opt = deepspeed_backend.prepare_zero3(
+            {"rm": copy.deepcopy(rm)},
+            lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=weight_decay),
+            max_grad_norm,
+        )
+        train, tensors = routes["rm"], {"model": engine}
+    else:
+        # FSDP2 under torchrun: a sharded copy of rank 0's `rm` (fresh heads differ per rank until this
+        # broadcast); single-process `rm` itself
+        train = prepare_for_training(rm, copy=True)
+        opt = torch.optim.AdamW(train.parameters(), lr=cfg.lr, weight_decay=weight_decay)
+        tensors = {"model": train}
     gen = torch.Generator().manual_seed(seed)
     train.train()
     last: dict[str, float] = {}
     gens = [gen, *getattr(extra_loss, "generators", ())]
     guard = NonFiniteGuard(max_nonfinite_steps, stage)
     start = 0
-    saved = ckpt.resume({"model": train}, [opt]) if ckpt else None
+    saved = ckpt.resume(tensors, [opt]) if ckpt else None
     if saved is not None:
         start, last, guard = saved["step"], saved["last"], NonFiniteGuard(**saved["guard"])
         set_generator_states(gens, saved["gens"])
 
     def state():
         return (
-            {"model": train},
+            tensors,
             [opt],
             {"gens": generator_states(*gens), "last": last, "guard": asdict(guard)},
         )
@@ -106,14 +126,17 @@ def train_reward_model(
                 extra, extra_metrics = extra_loss(step, train)
                 loss = loss + extra
                 metrics.update(extra_metrics)
-            _, grad_norm = guarded_step(
-                loss,
-                train.parameters(),
-                opt,
-                max_grad_norm=getattr(cfg, "max_grad_norm", 1.0),
-                guard=guard,
-                step=step,
-            )
+            if zero3:
+                _, grad_norm = deepspeed_backend.guarded_step(loss, engine, guard=guard, step=step)
+            else:
+                _, grad_norm = guarded_step(
+                    loss,
+                    train.parameters(),
+                    opt,
+                    max_grad_norm=max_grad_norm,
+                    guard=guard,
+                    step=step,
+                )
             rec["tokens"] = batch.num_tokens()
         if step % log_every == 0 or step == cfg.steps - 1:
             metrics.update(grad_norm=grad_norm, nonfinite_steps=guard.count)

@@ -5,6 +5,7 @@ contiguous share; gradients are averaged over ranks before clipping (engine.dist
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict
 
@@ -12,13 +13,14 @@ import torch
 
 from rlp_engine import ops
 from rlp_engine.data.records import Example
+from rlp_engine.engine import deepspeed_backend
 from rlp_engine.engine.batch import Encoded, SeqBatch
 from rlp_engine.engine.checkpoint import LoopCheckpoint
 from rlp_engine.engine.distributed import shard
 from rlp_engine.engine.fsdp import load_full_weights, prepare_for_training
 from rlp_engine.engine.guards import NonFiniteGuard, guarded_step
 from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress
-from rlp_engine.models.policy import response_logprobs, unwrap_lm
+from rlp_engine.models.policy import unwrap_lm
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -31,7 +33,7 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 def sft_loss(model, batch: SeqBatch) -> torch.Tensor:
     """Negative mean log-likelihood of the response tokens (eos included). Scalar fp32."""
-    lp = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_len)
+    lp = deepspeed_backend.response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_len)
     return -ops.masked_mean(lp, batch.response_mask)
 
 
@@ -50,25 +52,37 @@ def sft(
     stage: str = "sft",
     ckpt: LoopCheckpoint | None = None,
     max_nonfinite_steps: int = 10,
+    train_backend: str = "fsdp2",
 ) -> dict[str, float]:
     """Train `model` in place on `examples` for cfg.steps AdamW steps (cfg: SFTConfig). Returns the
     last logged metrics. With `ckpt` it continues from a checkpoint saved inside this loop and saves
     its state every ckpt.every steps (model, optimizer, scheduler, batch generator, RNG). A step with a
-    non-finite loss or gradient is skipped; more than `max_nonfinite_steps` of them raise."""
+    non-finite loss or gradient is skipped; more than `max_nonfinite_steps` of them raise.
+    train_backend: run.train_backend; "deepspeed" under torchrun trains a ZeRO-3 engine instead of FSDP2."""
     logger = logger or MetricsLogger()
     throughput = throughput or Throughput()
     enc = Encoded(tokenizer, [e.prompt for e in examples], [e.response for e in examples], data_cfg)
     device = next(model.parameters()).device
-    # FSDP2 under torchrun: a sharded copy of rank 0's `model`; single-process `model` itself
-    train = prepare_for_training(model, copy=True)
-    opt = torch.optim.AdamW(train.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    zero3 = deepspeed_backend.use_zero3(train_backend)
+    if zero3:  # ZeRO-3 under torchrun: an engine over a copy of rank 0's `model`
+        routes, engine, opt = deepspeed_backend.prepare_zero3(
+            {"policy": copy.deepcopy(model)},
+            lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+            cfg.max_grad_norm,
+        )
+        train, tensors = routes["policy"], {"model": engine}
+    else:
+        # FSDP2 under torchrun: a sharded copy of rank 0's `model`; single-process `model` itself
+        train = prepare_for_training(model, copy=True)
+        opt = torch.optim.AdamW(train.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        tensors = {"model": unwrap_lm(train)}
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup_steps))
     gen = torch.Generator().manual_seed(seed)
     train.train()
     last: dict[str, float] = {}
     guard = NonFiniteGuard(max_nonfinite_steps, stage)
     start = 0
-    saved = ckpt.resume({"model": unwrap_lm(train)}, [opt]) if ckpt else None
+    saved = ckpt.resume(tensors, [opt]) if ckpt else None
     if saved is not None:
         start, last, guard = saved["step"], saved["last"], NonFiniteGuard(**saved["guard"])
         sched.load_state_dict(saved["sched"])
@@ -76,22 +90,27 @@ def sft(
 
     def state():
         loop = {"sched": sched.state_dict(), "gen": gen.get_state(), "last": last, "guard": asdict(guard)}
-        return {"model": unwrap_lm(train)}, [opt], loop
+        return tensors, [opt], loop
 
     for step in progress(range(start, cfg.steps), desc=stage, enabled=show_progress):
         idx = torch.randint(len(enc), (cfg.batch_size,), generator=gen)
         batch = enc.batch(shard(idx)).to(device)
         with throughput.phase("training") as rec:
             loss = sft_loss(train, batch)
-            _, grad_norm = guarded_step(
-                loss,
-                train.parameters(),
-                opt,
-                max_grad_norm=cfg.max_grad_norm,
-                guard=guard,
-                step=step,
-                scheduler=sched,  # advances with applied updates only
-            )
+            if zero3:
+                _, grad_norm = deepspeed_backend.guarded_step(
+                    loss, engine, guard=guard, step=step, scheduler=sched
+                )
+            else:
+                _, grad_norm = guarded_step(
+                    loss,
+                    train.parameters(),
+                    opt,
+                    max_grad_norm=cfg.max_grad_norm,
+                    guard=guard,
+                    step=step,
+                    scheduler=sched,  # advances with applied updates only
+                )
             rec["tokens"] = batch.num_tokens()
         if step % log_every == 0 or step == cfg.steps - 1:
             metrics = {"loss": loss, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}

@@ -8,7 +8,9 @@ Layout under <output_dir>/resume/ (internal state; the HF exports users load are
                             scheduler, data generators and position), metrics.jsonl length, throughput
         rng-rank<r>.pt      each rank's torch (CPU and CUDA), numpy and python RNG states
         state/              the current stage's models and optimizers: torch.distributed.checkpoint
-                            (DCP) files, written by every rank in parallel, loadable on any world size
+                            (DCP) files, written by every rank in parallel, loadable on any world size;
+                            under run.train_backend=deepspeed (ZeRO-3 engines) DeepSpeed's own
+                            checkpoint instead (deepspeed_backend.save_engines: same world size only)
     stages/<name>/          a finished stage's output models (DCP), kept for the run's lifetime
     .tmp-*                  under construction: never read, removed by the next save
 
@@ -43,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rlp_engine.engine import deepspeed_backend
 from rlp_engine.engine.distributed import barrier, rank_and_world
 
 CKPT_RE = re.compile(r"^ckpt-(\d{6})$")
@@ -137,11 +140,24 @@ def _tensor_state(modules: dict[str, nn.Module], optimizers: list[torch.optim.Op
     return holder, {"model": msd, "optim": osd}
 
 
+def _engines(modules: dict[str, nn.Module]) -> bool:
+    """True when the modules are DeepSpeed engines (all of them: a mix is refused)."""
+    engines = [deepspeed_backend.is_engine(m) for m in modules.values()]
+    if any(engines) and not all(engines):
+        raise ValueError(f"checkpoint: {sorted(modules)} mixes DeepSpeed engines and other modules")
+    return bool(engines) and all(engines)
+
+
 def save_tensors(path: Path, modules: dict[str, nn.Module], optimizers=()) -> None:
-    """Collective: DCP save of the modules' and optimizers' state into directory `path`."""
+    """Collective: DCP save of the modules' and optimizers' state into directory `path`. ZeRO-3
+    engines (each holds its optimizer: `optimizers` is then unused) go through DeepSpeed's own
+    checkpoint instead."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
+    if _engines(modules):
+        deepspeed_backend.save_engines(path, modules)
+        return
     _, sd = _tensor_state(modules, list(optimizers))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -152,10 +168,18 @@ def save_tensors(path: Path, modules: dict[str, nn.Module], optimizers=()) -> No
 
 def load_tensors(path: Path, modules: dict[str, nn.Module], optimizers=()) -> None:
     """Collective: load a `save_tensors` directory into the modules and optimizers in place (any
-    world size: DCP reshards)."""
+    world size: DCP reshards). ZeRO-3 engines: DeepSpeed's checkpoint, on the same world size."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
+    if _engines(modules):
+        deepspeed_backend.load_engines(path, modules)
+        return
+    if (path / deepspeed_backend.INFO_FILE).is_file():
+        raise ValueError(
+            f"resume: {path} was written by DeepSpeed ZeRO-3 (run.train_backend=deepspeed) and loads only "
+            "into the same backend on the same world size"
+        )
     optimizers = list(optimizers)
     holder, sd = _tensor_state(modules, optimizers)
     with warnings.catch_warnings():

@@ -12,17 +12,32 @@ on CPU, where DS_ACCELERATOR=cpu and no oneCCL is needed) and wrap the policy as
 `CausalLMLogprobs(lm)`, with a plain torch optimizer. The fused log-prob op reads the LM head's weight
 outside `lm_head`'s forward; ZeRO-3 notices the access to a partitioned parameter during the wrapper's
 forward, gathers it and registers it as an external parameter of the wrapper, so nothing is needed for it.
+
+The pipeline's ZeRO-3 layout (run.train_backend=deepspeed under torchrun): `prepare_zero3` wraps the
+modules one optimizer trains (SFT's policy, a reward model, PPO's actor and critic together, so one clip
+covers both as in the FSDP2 path) in one engine and hands the loop a `Route` per module. Every call of a
+route goes through the engine's forward: that is where DeepSpeed hooks the start of backward (a call of
+the bare module would skip it). `guarded_step` is guards.guarded_step for an engine, `save_engines` /
+`load_engines` are the loop checkpoints (DeepSpeed's own per-rank files: same world size to resume).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from rlp_engine.engine import reshard
+from rlp_engine.engine.distributed import rank_and_world
+from rlp_engine.engine.guards import CONFIG_KEY, NonFiniteError, NonFiniteGuard, combine_flags
+from rlp_engine.models.policy import CausalLMLogprobs, unwrap_lm
+from rlp_engine.models.policy import response_logprobs as _plain_response_logprobs
 
 
 def import_deepspeed():
@@ -99,3 +114,200 @@ def iter_zero3_params(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 def sync_zero3(model: nn.Module, sink, bucket_mb: float = 256.0, name_map=None) -> reshard.SwitchRecord:
     """Stream a ZeRO-3 model's weights into sink (ModuleSink, VLLMEngine.load_bucket) in buckets."""
     return reshard.sync_weights(model, sink, bucket_mb, name_map, named_tensors=iter_zero3_params(model))
+
+
+# ---------------------------------------------------------------- the pipeline's ZeRO-3 layout
+
+
+def use_zero3(train_backend: str) -> bool:
+    """run.train_backend=deepspeed under torchrun (more than one rank); single-process the loops
+    train plain modules whatever the backend."""
+    if train_backend not in ("fsdp2", "deepspeed"):
+        raise ValueError(f"run.train_backend: expected 'fsdp2' or 'deepspeed', got {train_backend!r}")
+    return train_backend == "deepspeed" and rank_and_world()[1] > 1
+
+
+def is_engine(obj) -> bool:
+    """A DeepSpeedEngine (False without importing deepspeed when it was never imported)."""
+    deepspeed = sys.modules.get("deepspeed")
+    return deepspeed is not None and isinstance(obj, deepspeed.DeepSpeedEngine)
+
+
+class Members(nn.Module):
+    """The modules one engine trains, called by name: forward(name, *args, **kwargs) is
+    parts[name](*args, **kwargs), so a call of any of them is a call of the engine's forward."""
+
+    def __init__(self, parts: dict[str, nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleDict(parts)
+
+    def forward(self, name: str, *args, **kwargs):
+        return self.parts[name](*args, **kwargs)
+
+
+class Route:
+    """What a training loop holds for one module of a ZeRO-3 engine: calls go through the engine.
+    `module` is the partitioned module itself (for gathers, never to be called directly)."""
+
+    def __init__(self, engine, name: str):
+        self.engine, self.name = engine, name
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module.parts[self.name]
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(self.name, *args, **kwargs)
+
+    # ScalarHeadModel's methods, each one forward call (as its own methods do)
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self(input_ids, attention_mask, output="score")
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self(input_ids, attention_mask, output="values")
+
+    def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self(input_ids, attention_mask, output="final_hidden")
+
+    def train(self, mode: bool = True) -> Route:
+        self.engine.train(mode)
+        return self
+
+
+def prepare_zero3(
+    parts: dict[str, nn.Module], make_optimizer: Callable, max_grad_norm: float
+) -> tuple[dict[str, Route], object, torch.optim.Optimizer]:
+    """One ZeRO-3 engine over `parts` (name -> module; a causal LM is wrapped in CausalLMLogprobs) and
+    `make_optimizer(params)` (a plain torch optimizer over all their parameters, in the parts' order).
+    The modules are partitioned in place (pass copies to keep full ones); rank 0's weights are
+    broadcast by DeepSpeed. Gradients are averaged over ranks, and clipped by DeepSpeed at
+    max_grad_norm over all partitions (torch's factor min(1, max / (norm + 1e-6)) up to rounding: DeepSpeed
+    divides by its inverse; none when <= 0 or inf).
+    Returns ({name: Route}, engine, the torch optimizer: give it the LR scheduler)."""
+    wrapped = {}
+    for name, m in parts.items():
+        is_lm = not isinstance(m, CausalLMLogprobs) and hasattr(m, "get_output_embeddings")
+        wrapped[name] = CausalLMLogprobs(m) if is_lm else m
+    members = Members(wrapped)
+    optimizer = make_optimizer(members.parameters())
+    clip = float(max_grad_norm) if 0 < float(max_grad_norm) < math.inf else None
+    engine = initialize(members, optimizer, zero3_config(1, grad_clip=clip))
+    return {name: Route(engine, name) for name in parts}, engine, optimizer
+
+
+def response_logprobs(
+    model, input_ids, attention_mask, response_len, *, temperature=1.0, return_entropy=False
+):
+    """rlp_engine.models.policy.response_logprobs, also for a Route (through the engine's forward)."""
+    if isinstance(model, Route):
+        return model(input_ids, attention_mask, response_len, temperature, return_entropy)
+    return _plain_response_logprobs(
+        model, input_ids, attention_mask, response_len, temperature=temperature, return_entropy=return_entropy
+    )
+
+
+def _lm_names(route: Route):
+    """The name map from the routed module's names to the plain model's (CausalLMLogprobs adds "lm.")."""
+    if isinstance(route.module, CausalLMLogprobs):
+        return lambda n: n.removeprefix("lm.")
+    return None
+
+
+def sync_route_to_module(route: Route, dst: nn.Module, bucket_mb: float = 256.0) -> reshard.SwitchRecord:
+    """Collective: a routed module's full weights into the plain model `dst` (every parameter of
+    `dst` must be written), in buckets, one module's parameters gathered at a time."""
+    sink = reshard.ModuleSink(unwrap_lm(dst))
+    record = sync_zero3(route.module, sink, bucket_mb, name_map=_lm_names(route))
+    sink.check_complete()
+    return record
+
+
+def guarded_step(
+    loss: torch.Tensor, engine, *, guard: NonFiniteGuard, step: int, scheduler=None
+) -> tuple[bool, torch.Tensor]:
+    """guards.guarded_step for a ZeRO-3 engine (clipping: the engine's gradient_clipping).
+
+    A non-finite loss on any rank (one all-reduced flag) skips the step BEFORE backward: no gradient
+    is reduced and the engine is not stepped. A non-finite gradient is found by DeepSpeed itself in
+    engine.step(): its global norm over all partitions (all-reduced, so every rank agrees) is not
+    finite, and ZeRO-3 then drops the gradients without touching the weights or the optimizer state
+    and reports the norm as inf. Either way the guard counts the skip on every rank and raises
+    NonFiniteError past its limit; the scheduler steps only after an applied update.
+    Returns (applied, grad_norm before clipping as a 0-dim fp32 tensor)."""
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"guarded_step ({guard.stage}): loss must be a 0-dim tensor, got {shape}")
+    loss_d = loss.detach()
+    no_grad_flag = torch.zeros((), dtype=torch.bool)
+    bad, bad_loss_ranks = combine_flags(~torch.isfinite(loss_d), no_grad_flag)
+    if bad:
+        return _skipped(guard, step, loss_d, torch.tensor(float("nan")), bad_loss_ranks)
+    engine.backward(loss)
+    engine.step()
+    grad_norm = torch.tensor(float(engine.get_global_grad_norm()), dtype=torch.float32)
+    if not torch.isfinite(grad_norm):  # ZeRO-3 skipped it (overflow): nothing was applied
+        return _skipped(guard, step, loss_d, grad_norm, [])
+    if scheduler is not None:
+        scheduler.step()
+    return True, grad_norm
+
+
+def _skipped(guard: NonFiniteGuard, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, bad_ranks):
+    """Count a skipped step, say so on rank 0, raise past the limit (guards.guarded_step's wording)."""
+    guard.count += 1
+    guard.last_step = step
+    rank, world = rank_and_world()
+    if rank == 0:
+        where = f" (non-finite loss on ranks {bad_ranks})" if world > 1 and bad_ranks else ""
+        print(
+            f"[rlp-engine] {guard.stage} step {step}: non-finite loss={float(loss):.6g} "
+            f"grad_norm={float(grad_norm):.6g}{where}; skipped ({guard.count} of {guard.limit})",
+            flush=True,
+        )
+    if guard.count > guard.limit:
+        raise NonFiniteError(
+            f"{guard.stage}: {guard.count} steps with a non-finite loss or gradient (latest at step "
+            f"{step}), more than {CONFIG_KEY}={guard.limit}; lower the learning rate or check the data "
+            f"and model, or raise {CONFIG_KEY}"
+        )
+    return False, grad_norm
+
+
+# ---------------------------------------------------------------- loop checkpoints
+
+INFO_FILE = "deepspeed.json"
+
+
+def save_engines(path: Path, engines: dict) -> None:
+    """Collective: each engine's DeepSpeed checkpoint (weights and optimizer state, every rank its own
+    partition files) under `path`, tag = its name, plus INFO_FILE with the world size."""
+    rank, world = rank_and_world()
+    for name, engine in engines.items():
+        engine.save_checkpoint(str(path), tag=name, save_latest=False)
+    if rank == 0:
+        (Path(path) / INFO_FILE).write_text(json.dumps({"world_size": world, "tags": list(engines)}))
+
+
+def load_engines(path: Path, engines: dict) -> None:
+    """Collective: load a `save_engines` directory into the engines (weights and optimizer state).
+    ZeRO-3's partition files fit only the world size that wrote them: another one is refused."""
+    info_path = Path(path) / INFO_FILE
+    if not info_path.is_file():
+        raise ValueError(
+            f"resume: {path} is not a DeepSpeed checkpoint (no {INFO_FILE}) but run.train_backend is "
+            "deepspeed; resume with the backend that wrote it"
+        )
+    info = json.loads(info_path.read_text())
+    world = rank_and_world()[1]
+    if info["world_size"] != world or sorted(info["tags"]) != sorted(engines):
+        raise ValueError(
+            f"resume: {path} holds DeepSpeed ZeRO-3 state of {info['tags']} written on {info['world_size']} "
+            f"ranks; it loads only into the same modules on the same number of ranks (this run: "
+            f"{sorted(engines)} on {world}). Resume with that world size, or from a stage boundary"
+        )
+    for name, engine in engines.items():
+        load_path, _ = engine.load_checkpoint(
+            str(path), tag=name, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if load_path is None:
+            raise FileNotFoundError(f"resume: DeepSpeed found no checkpoint {name!r} under {path}")

@@ -98,7 +98,7 @@ def clip_grads(params: list[torch.Tensor], max_grad_norm: float, total_norm: tor
             torch.nn.utils.clip_grads_with_norm_(group, max_grad_norm, total_norm)
 
 
-def _combine_flags(loss_bad: torch.Tensor, grad_bad: torch.Tensor) -> tuple[bool, list[int]]:
+def combine_flags(loss_bad: torch.Tensor, grad_bad: torch.Tensor) -> tuple[bool, list[int]]:
     """(skip or not, the ranks whose loss is non-finite) from this rank's 0-dim bool flags.
     Under torchrun one all-reduce (MAX) of a (world + 1,) vector: slot r is rank r's loss flag, the
     last slot the gradient flag (after all_reduce_grads every rank holds the same gradients, so it
@@ -155,7 +155,7 @@ def guarded_step(
     grad_norm = total_grad_norm(params)
 
     loss_d = loss.detach()
-    bad, bad_loss_ranks = _combine_flags(~torch.isfinite(loss_d), ~torch.isfinite(grad_norm))
+    bad, bad_loss_ranks = combine_flags(~torch.isfinite(loss_d), ~torch.isfinite(grad_norm))
 
     if not bad:
         if 0 < max_grad_norm < math.inf:

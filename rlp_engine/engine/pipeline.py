@@ -174,6 +174,7 @@ class Run:
             stage=stage.name,
             ckpt=stage.ckpt,
             max_nonfinite_steps=r.max_nonfinite_steps,
+            train_backend=r.train_backend,  # "deepspeed": ZeRO-3 engines under torchrun
         )
 
     def save(self, name: str, model, tokenizer=None) -> None:
