@@ -19,22 +19,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from multiproc import run_ranks, run_torchrun
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
     reason="deepspeed is not installed (pip install 'rlp-engine[deepspeed]')",
 )
 
-TORCHRUN = Path(sys.executable).with_name("torchrun")
-_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # tests/test_pipeline_dist.py's cut-down tiny preset, stopped after PPO (run.stages=ppo: sft, rm, ppo)
 SMALL = [
     "sft.steps=2",
@@ -49,59 +44,17 @@ SMALL = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(extra: dict | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV and not k.startswith("RLP_ENGINE_")}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **(extra or {}))
-    return env
-
-
 def _torchrun(out: Path, backend: str, extra_env=None, resume: bool = False, limit_s: float = 240):
-    cmd = [str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
-    cmd += ["-m", "rlp_engine.cli", "train", "--output-dir", str(out)]
-    cmd += ["--resume"] if resume else ["--preset", "tiny", *SMALL, f"run.train_backend={backend}"]
-    try:
-        res = subprocess.run(
-            cmd,
-            env=_env(extra_env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=limit_s,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"torchrun ({backend}) still running after {limit_s} s (a rank hangs)")
-    return res.returncode, res.stdout
+    argv = ["-m", "rlp_engine.cli", "train", "--output-dir", str(out)]
+    argv += ["--resume"] if resume else ["--preset", "tiny", *SMALL, f"run.train_backend={backend}"]
+    code, output, _ = run_torchrun(argv, 2, limit_s, {"DS_ACCELERATOR": "cpu", **(extra_env or {})})
+    return code, output
 
 
-def _launch_workers(script: Path, out: Path, n: int = 2, limit_s: float = 120) -> tuple[list[int], str]:
-    """n worker processes with torchrun's environment set by hand (as tests/test_deepspeed.py does)."""
-    env = _env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(out), "60"],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(n)
-    ]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=limit_s)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-            p.wait()
-        pytest.fail(f"deepspeed workers still running after {limit_s} s (a rank hangs)")
-    return [p.returncode for p in procs], "\n".join(outs)
+def _launch_workers(script: Path, out: Path, n: int = 2, limit_s: float = 180) -> tuple[list[int], str]:
+    """n worker processes with torchrun's environment set by hand."""
+    codes, outs, _ = run_ranks([str(script), str(out), "60"], n, limit_s, {"DS_ACCELERATOR": "cpu"})
+    return codes, "\n".join(outs)
 
 
 def _weights(out: Path, name: str) -> dict[str, torch.Tensor]:
