@@ -4,11 +4,13 @@ RLP-UML reward model -> PPO, and RLP-SPG reward model -> PPO; then evaluation an
 `run_pipeline(cfg)` runs it and returns the report dict (also written to cfg.run.output_dir).
 
 Under torchrun it is one SPMD program (`init_distributed()`; single process without torchrun):
-every training stage is data-parallel (each rank takes its share of the same global batch, and
-gradients are averaged by an explicit all-reduce, so every rank holds the same full weights);
-rollouts and the sampling of P are split over ranks; rank 0 alone evaluates and writes metrics,
-report, plots and checkpoints while the others wait. RLP_ENGINE_FAIL_AT="stage:rank" makes that
-rank raise at the start of that stage (fault injection for the tests of the fail-fast path).
+every training stage trains sharded (FSDP2, or DeepSpeed ZeRO-3 with run.train_backend=deepspeed),
+each rank on its share of the same global batch, and hands full weights back at its end; rollouts
+and the sampling of P are split over ranks; rank 0 alone evaluates and writes metrics, report, plots
+and the HF exports while the others wait; every rank writes its part of the resumable checkpoints
+(engine/checkpoint.py). RLP_ENGINE_FAIL_AT="stage:rank" makes that rank raise at the start of that
+stage (fault injection for the tests of the fail-fast path; RLP_ENGINE_KILL_AT kills, see
+engine/checkpoint.py).
 """
 
 from __future__ import annotations
