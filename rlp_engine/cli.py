@@ -62,7 +62,7 @@ def _train(args, cfg) -> int:
     # the pipeline then runs data/prepare.prepare_inputs before it creates the output directory.
     check_limits(cfg.data)
     check_paths(cfg)
-    from rlp_engine.engine.distributed import shutdown
+    from rlp_engine.engine.distributed import finish
     from rlp_engine.engine.guards import NonFiniteError
     from rlp_engine.engine.pipeline import run_pipeline
 
@@ -74,9 +74,8 @@ def _train(args, cfg) -> int:
             f"rlp-engine: the last complete checkpoint is under {cfg.run.output_dir}/resume", file=sys.stderr
         )
         return 3
-    shutdown()  # destroys the process group under torchrun; nothing single-process
     if not report:  # a rank other than 0: rank 0 reports
-        return 0
+        return finish(0)
     print(f"[rlp-engine] report: {cfg.run.output_dir}/report.md ({report['total_seconds']:.1f} s)")
     for name, row in report["policies"].items():
         gold = "n/a" if row["gold"] is None else f"{row['gold']:.3f}"
@@ -84,7 +83,7 @@ def _train(args, cfg) -> int:
     for phase, t in report["throughput"].items():
         rate, n, secs = t["tokens_per_s"], int(t["tokens"]), t["seconds"]
         print(f"  {phase:10s} {rate:,.0f} tokens/s ({n:,} tokens in {secs:.1f} s)")
-    return 0
+    return finish(0)  # under torchrun: exits here
 
 
 def _load_saved(args, cfg):
