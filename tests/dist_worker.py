@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rlp_engine.engine.distributed import init_distributed, shutdown
+from rlp_engine.engine.distributed import finish, init_distributed
 from rlp_engine.engine.fsdp import broadcast_module, shard_model
 from rlp_engine.engine.offload import offload, reload
 from rlp_engine.engine.reshard import full_tensor, sync_to_module
@@ -150,7 +150,7 @@ def main() -> None:
     if scenario == "train":
         result = scenario_train(info, out)
         (out / f"rank{info.rank}.json").write_text(json.dumps(result))
-        shutdown()
+        finish(0)  # os._exit under a process group: no interpreter teardown of gloo
         return
     raise SystemExit(f"unknown scenario {scenario!r}")
 

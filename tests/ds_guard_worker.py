@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from rlp_engine.engine import deepspeed_backend
-from rlp_engine.engine.distributed import init_distributed, shutdown
+from rlp_engine.engine.distributed import finish, init_distributed
 from rlp_engine.engine.guards import NonFiniteError, NonFiniteGuard
 
 STEPS, D_IN, D_OUT, B = 6, 5, 3, 8  # B rows per global batch, B // 2 per rank
@@ -117,7 +117,7 @@ def main() -> None:
     result = train(info.rank, copy.deepcopy(data))
     result.update(ref_weights=ref_weights, ref_norms=ref_norms, strict_raised=strict(info.rank, data))
     (out / f"rank{info.rank}.json").write_text(json.dumps(result))
-    shutdown()
+    finish(0)  # os._exit under a process group: no interpreter teardown of gloo
 
 
 if __name__ == "__main__":

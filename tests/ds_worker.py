@@ -19,7 +19,7 @@ import torch
 from dist_worker import B, R, make_batch, tiny_llama  # same directory: the FSDP2 test's model and batch
 
 from rlp_engine.engine import deepspeed_backend
-from rlp_engine.engine.distributed import init_distributed, shutdown
+from rlp_engine.engine.distributed import finish, init_distributed
 from rlp_engine.engine.reshard import ModuleSink
 from rlp_engine.models.policy import CausalLMLogprobs, response_logprobs
 from rlp_engine.ops import ppo_policy_loss
@@ -128,7 +128,7 @@ def main() -> None:
     info = init_distributed(timeout_s=timeout_s)
     result = run(info.rank, info.world_size)
     (out / f"rank{info.rank}.json").write_text(json.dumps(result))
-    shutdown()
+    finish(0)  # os._exit under a process group: no interpreter teardown of gloo
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 
 from rlp_engine import ops
 from rlp_engine.engine.batch import SeqBatch
-from rlp_engine.engine.distributed import all_reduce_grads, check_replicas, init_distributed, shard, shutdown
+from rlp_engine.engine.distributed import all_reduce_grads, check_replicas, finish, init_distributed, shard
 from rlp_engine.engine.fsdp import (
     broadcast_module,
     full_state_dict,
@@ -287,7 +287,7 @@ def main() -> None:
     for part in (part_sft, part_ppo, part_rm):
         result.update(part(info.rank, info.world_size))
     (out / f"rank{info.rank}.json").write_text(json.dumps(result))
-    shutdown()
+    finish(0)  # os._exit under a process group: no interpreter teardown of gloo
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from rlp_engine.engine.distributed import init_distributed, shutdown
+from rlp_engine.engine.distributed import finish, init_distributed
 from rlp_engine.engine.guards import NonFiniteError, NonFiniteGuard, guarded_step
 from rlp_engine.engine.metrics import masked_stats
 
@@ -170,7 +170,7 @@ def main() -> None:
         result["strict_raised"] = str(err)
     result["stats"] = stats_across_ranks(rank)
     (out / f"rank{rank}.json").write_text(json.dumps(result))
-    shutdown()
+    finish(0)  # os._exit under a process group: no interpreter teardown of gloo
 
 
 if __name__ == "__main__":
