@@ -35,7 +35,7 @@ from torch import nn
 
 from rlp_engine.engine import reshard
 from rlp_engine.engine.distributed import rank_and_world
-from rlp_engine.engine.guards import CONFIG_KEY, NonFiniteError, NonFiniteGuard, combine_flags
+from rlp_engine.engine.guards import NonFiniteGuard, combine_flags, record_skip
 from rlp_engine.models.policy import CausalLMLogprobs, unwrap_lm
 from rlp_engine.models.policy import response_logprobs as _plain_response_logprobs
 
@@ -241,36 +241,17 @@ def guarded_step(
     no_grad_flag = torch.zeros((), dtype=torch.bool)
     bad, bad_loss_ranks = combine_flags(~torch.isfinite(loss_d), no_grad_flag)
     if bad:
-        return _skipped(guard, step, loss_d, torch.tensor(float("nan")), bad_loss_ranks)
+        record_skip(guard, step, loss_d, torch.tensor(float("nan")), bad_loss_ranks)
+        return False, torch.tensor(float("nan"))
     engine.backward(loss)
     engine.step()
     grad_norm = torch.tensor(float(engine.get_global_grad_norm()), dtype=torch.float32)
     if not torch.isfinite(grad_norm):  # ZeRO-3 skipped it (overflow): nothing was applied
-        return _skipped(guard, step, loss_d, grad_norm, [])
+        record_skip(guard, step, loss_d, grad_norm, [])
+        return False, grad_norm
     if scheduler is not None:
         scheduler.step()
     return True, grad_norm
-
-
-def _skipped(guard: NonFiniteGuard, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, bad_ranks):
-    """Count a skipped step, say so on rank 0, raise past the limit (guards.guarded_step's wording)."""
-    guard.count += 1
-    guard.last_step = step
-    rank, world = rank_and_world()
-    if rank == 0:
-        where = f" (non-finite loss on ranks {bad_ranks})" if world > 1 and bad_ranks else ""
-        print(
-            f"[rlp-engine] {guard.stage} step {step}: non-finite loss={float(loss):.6g} "
-            f"grad_norm={float(grad_norm):.6g}{where}; skipped ({guard.count} of {guard.limit})",
-            flush=True,
-        )
-    if guard.count > guard.limit:
-        raise NonFiniteError(
-            f"{guard.stage}: {guard.count} steps with a non-finite loss or gradient (latest at step "
-            f"{step}), more than {CONFIG_KEY}={guard.limit}; lower the learning rate or check the data "
-            f"and model, or raise {CONFIG_KEY}"
-        )
-    return False, grad_norm
 
 
 # ---------------------------------------------------------------- loop checkpoints

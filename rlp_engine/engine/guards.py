@@ -169,13 +169,22 @@ def guarded_step(
     optimizer.zero_grad(set_to_none=True)
     for p in params:
         p.grad = None
+    record_skip(guard, step, loss_d, grad_norm, bad_loss_ranks)
+    return False, grad_norm
+
+
+def record_skip(
+    guard: NonFiniteGuard, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, bad_ranks
+) -> None:
+    """Count a skipped step in `guard`, say so from rank 0 (naming the ranks whose loss was
+    non-finite), and raise NonFiniteError on every rank once the count exceeds the limit."""
     guard.count += 1
     guard.last_step = step
     rank, world = rank_and_world()
     if rank == 0:
-        where = f" (non-finite loss on ranks {bad_loss_ranks})" if world > 1 and bad_loss_ranks else ""
+        where = f" (non-finite loss on ranks {bad_ranks})" if world > 1 and bad_ranks else ""
         print(
-            f"[rlp-engine] {guard.stage} step {step}: non-finite loss={_fmt(loss_d)} "
+            f"[rlp-engine] {guard.stage} step {step}: non-finite loss={_fmt(loss)} "
             f"grad_norm={_fmt(grad_norm)}{where}; skipped ({guard.count} of {guard.limit})",
             flush=True,
         )
@@ -185,4 +194,3 @@ def guarded_step(
             f"{step}), more than {CONFIG_KEY}={guard.limit}; lower the learning rate or check the data "
             f"and model, or raise {CONFIG_KEY}"
         )
-    return False, grad_norm
