@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+import tiny
 import torch
 import torch.distributed as dist
 
@@ -29,19 +30,9 @@ B, T, R, V = 4, 12, 6, 128  # global batch rows, sequence length, response lengt
 
 
 def tiny_llama(seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+    return tiny.tiny_llama(
+        seed, vocab_size=V, hidden_size=64, intermediate_size=128, max_position_embeddings=64
     )
-    return LlamaForCausalLM(cfg)
 
 
 def make_batch():

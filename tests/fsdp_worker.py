@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+import tiny
 import torch
 
 from rlp_engine import ops
@@ -38,20 +39,14 @@ LR, STEPS = 1e-3, 2
 
 
 def tiny_llama(seed: int, tied: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    return tiny.tiny_llama(
+        seed,
         vocab_size=V,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=32,
         tie_word_embeddings=tied,
     )
-    return LlamaForCausalLM(cfg)
 
 
 def make_batch(seed: int, full_mask: bool) -> SeqBatch:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from multiproc import run_ranks, run_torchrun
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_llama
 
 from rlp_engine.engine import distributed, fsdp, offload
 
@@ -95,16 +95,7 @@ def test_bad_launch_environment(monkeypatch, env, match):
 
 
 def _tiny(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(seed, vocab_size=97, hidden_size=32, intermediate_size=64)
 
 
 def test_shard_model_single_process_and_arguments():

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from multiproc import run_ranks
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_llama
+from transformers import LlamaForCausalLM
 
 from rlp_engine.engine import fsdp
 from rlp_engine.models.heads import ScalarHeadModel, position_ids
@@ -21,18 +22,8 @@ V, R, TEMP = 40, 4, 0.7
 
 
 def tiny(tied: bool, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(cfg)
+    sizes = {"vocab_size": V, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2}
+    return tiny_llama(seed, **sizes, max_position_embeddings=32, tie_word_embeddings=tied)
 
 
 def batch(seed: int = 1):

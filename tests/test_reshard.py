@@ -11,24 +11,14 @@ import types
 
 import pytest
 import torch
+from tiny import tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlp_engine.engine import deepspeed_backend, reshard
 
 
 def _tiny(seed: int, tie: bool = False):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(seed, vocab_size=97, hidden_size=32, intermediate_size=64, tie_word_embeddings=tie)
 
 
 @pytest.mark.parametrize("bucket_mb", [0.001, 0.02, 64.0])
