@@ -287,7 +287,10 @@ class CheckpointStore:
 
     # finished stages' output models
     def save_artifact(self, stage: str, modules: dict[str, nn.Module]) -> None:
-        """Collective: the finished stage's models under stages/<stage>, atomically."""
+        """Collective: the finished stage's models under stages/<stage>, atomically. A stage without
+        models (sampling P: its results live in the checkpoint's meta) writes nothing."""
+        if not modules:
+            return
         rank, _ = rank_and_world()
         final = self.root / "stages" / stage
         tmp = final.with_name(f".tmp-{stage}")
@@ -295,8 +298,7 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        if modules:
-            save_tensors(tmp / "state", modules)
+        save_tensors(tmp / "state", modules)
         barrier()
         if rank == 0:
             publish(tmp, final)
@@ -304,7 +306,7 @@ class CheckpointStore:
 
     def load_artifact(self, stage: str, modules: dict[str, nn.Module]) -> None:
         path = self.root / "stages" / stage / "state"
-        if modules:
+        if modules:  # a stage without models saved none (save_artifact)
             if not path.is_dir():
                 raise FileNotFoundError(
                     f"resume: {path} is missing (the checkpoint says stage {stage} finished)"
