@@ -2,17 +2,18 @@
 
 A config is built from a named preset ("default" or "tiny"), then a YAML file, then dotted
 command-line overrides (`ppo.kl_coef=0.01`), each layer replacing single fields. Unknown keys and
-ill-typed values raise `ConfigError` naming the key (and the file). PPO defaults follow
-AlpacaFarm (see DESIGN "RLP"): kl `k1_nonneg`, beta 0.0067 fixed, reward whitening, gamma = lam = 1,
-whitened advantages, clip 0.2, value clip 0.2, vf_coef 0.1, no entropy bonus, rollout temperature
-1.0, evaluation temperature 0.7. Learning rates and step counts are sized for the tiny embedded
-task on CPU, not for a 7B model.
+ill-typed or out-of-range values raise `ConfigError` naming the key (and the file). PPO defaults
+follow AlpacaFarm (see DESIGN "RLP"): kl `k1_nonneg`, beta 0.0067 fixed (`ppo.kl_target` makes it
+adaptive), reward whitening, gamma = lam = 1, whitened advantages, clip 0.2, value clip 0.2, vf_coef
+0.1, no entropy bonus, rollout temperature 1.0, evaluation temperature 0.7. Learning rates and
+step counts are sized for the tiny embedded task on CPU, not for a 7B model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -105,7 +106,12 @@ class PPOConfig:
     lr: float = 1e-4
     max_grad_norm: float = 1.0
     kl_kind: str = "k1_nonneg"
-    kl_coef: float = 0.0067
+    kl_coef: float = 0.0067  # beta: fixed, or the starting value when kl_target is set
+    # adaptive KL controller (Ziegler et al. 2019, TRL's AdaptiveKLController): after each rollout
+    # beta *= 1 + clip(kl / kl_target - 1, -0.2, 0.2) * rollout_batch_size / kl_horizon, kl being the
+    # mean summed KL per sequence (nats); None keeps beta fixed at kl_coef
+    kl_target: float | None = None
+    kl_horizon: int = 10000  # samples; larger moves beta more slowly
     whiten_rewards: bool = True
     gamma: float = 1.0
     lam: float = 1.0
@@ -263,6 +269,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.long_prompts": ("truncate", "drop", "error"),
 }
 
+# Numeric keys with a valid range: key -> (test, what a valid value is).
+LIMITS: dict[str, tuple[typing.Callable[[object], bool], str]] = {
+    "ppo.kl_target": (
+        lambda v: v is None or 0 < v < math.inf,
+        "a finite number > 0, or null (fixed kl_coef)",
+    ),
+    "ppo.kl_horizon": (lambda v: v >= 1, "an int >= 1"),
+}
+
 
 def _coerce(key: str, value, tp, where: str):
     """`value` checked against the annotation `tp` (int -> float widening allowed)."""
@@ -307,6 +322,8 @@ def set_field(cfg: TrainConfig, key: str, value, where: str = "") -> None:
     value = _coerce(key, value, hints[name], where)
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{where}{key}: {value!r} is not one of {CHOICES[key]}")
+    if key in LIMITS and not LIMITS[key][0](value):
+        raise ConfigError(f"{where}{key}: {value!r} is out of range; expected {LIMITS[key][1]}")
     setattr(sub, name, value)
 
 
@@ -360,6 +377,11 @@ def load_config(path: str | Path | None = None, overrides=(), preset: str | None
     for text in overrides:
         key, value = parse_override(text)
         set_field(cfg, key, value, "override ")
+    if cfg.ppo.kl_target is not None and not cfg.ppo.kl_coef > 0:
+        raise ConfigError(
+            f"ppo.kl_coef: {cfg.ppo.kl_coef!r} with ppo.kl_target set; the adaptive controller multiplies "
+            "the coefficient, so it must start > 0"
+        )
     return cfg
 
 

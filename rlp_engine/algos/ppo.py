@@ -12,6 +12,7 @@ value losses over minibatches for a few epochs). All loss math goes through `rlp
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -50,6 +51,13 @@ class PPOState:
     # run.train_backend=deepspeed under torchrun: the ZeRO-3 engine training actor and critic (then
     # routes to it, deepspeed_backend.Route); None: plain or FSDP2 modules and `optimizer` as is
     engine: object = None
+    # beta of the KL penalty in the shaped rewards: cfg.kl_coef, fixed, or (cfg.kl_target set) moved
+    # after every rollout by adaptive_kl_coef; saved with the loop state (exact resume)
+    kl_coef: float | None = None
+
+    def __post_init__(self):
+        if self.kl_coef is None:
+            self.kl_coef = float(self.cfg.kl_coef)
 
 
 @dataclass
@@ -137,6 +145,29 @@ def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, b
     return rewards.scatter_add(1, last[:, None], scores.float()[:, None])
 
 
+def adaptive_kl_coef(coef: float, current_kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """Ziegler et al. 2019's proportional KL controller (TRL's and verl's AdaptiveKLController.update):
+    e = clip(current_kl / target - 1, -0.2, 0.2), returns coef * (1 + e * n_steps / horizon).
+    current_kl: the rollout's mean summed KL per sequence (nats); n_steps: the samples it held. A NaN
+    KL leaves coef as it is (TRL's would turn NaN and stay NaN for the rest of the run)."""
+    if not 0 < target < math.inf:
+        raise ValueError(f"adaptive_kl_coef: target must be a finite number > 0, got {target!r}")
+    if horizon < 1:
+        raise ValueError(f"adaptive_kl_coef: horizon must be >= 1, got {horizon!r}")
+    if math.isnan(current_kl):
+        return coef
+    error = min(max(current_kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n_steps / horizon)
+
+
+def next_kl_coef(cfg, coef: float, current_kl: float, n_steps: int) -> float:
+    """The KL coefficient for the next rollout: `coef` itself when cfg.kl_target is None (fixed, as
+    AlpacaFarm), else adaptive_kl_coef towards cfg.kl_target over cfg.kl_horizon samples."""
+    if cfg.kl_target is None:
+        return coef
+    return adaptive_kl_coef(coef, current_kl, cfg.kl_target, cfg.kl_horizon, n_steps)
+
+
 def tis_weights(
     trainer_lp: torch.Tensor, gen_lp: torch.Tensor, mask: torch.Tensor, cap: float
 ) -> torch.Tensor:
@@ -172,7 +203,7 @@ def make_experience(
         if cfg.whiten_rewards and scores.numel() > 1:
             # AlpacaFarm whitens the sequence scores over the rollout batch, keeping their mean.
             seq_scores = ops.masked_whiten(scores[None], torch.ones_like(scores[None]), shift_mean=False)[0]
-        rewards = shaped_rewards(seq_scores, kl, mask, cfg.kl_coef)
+        rewards = shaped_rewards(seq_scores, kl, mask, state.kl_coef)
         adv, ret = ops.compute_gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
         if cfg.whiten_advantages:
             adv = ops.masked_whiten(adv, mask)
@@ -284,7 +315,9 @@ def ppo_step(
     response_len; truncated: share without eos; gold: mean gold(prompt, response) when `gold` is
     given, for monitoring only), and every step the mean / std / min / max over all ranks of the
     reward-model scores (score_*), whitened advantages (adv_*), returns (ret_*), old values
-    (value_*) and summed KL per sequence (kl_seq_*).
+    (value_*) and summed KL per sequence (kl_seq_*); kl_coef: the KL coefficient this rollout's
+    rewards were shaped with. Afterwards state.kl_coef moves towards cfg.kl_target (when set) by
+    the all-rank kl_seq_mean, the same value on every rank.
     """
     throughput = throughput or Throughput()
     # train -> generate switch: training state offloaded (a recorded no-op on CPU), the actor's
@@ -307,6 +340,9 @@ def ppo_step(
         **masked_stats(exp.kl.sum(-1), None, "kl_seq", across_ranks=True),
     }
     metrics.update({k: to_float(v) for k, v in stats.items()})
+    metrics["kl_coef"] = state.kl_coef
+    n_samples = len(exp.batch) * rank_and_world()[1]  # the whole rollout batch, every rank's share
+    state.kl_coef = next_kl_coef(state.cfg, state.kl_coef, metrics["kl_seq_mean"], n_samples)
     metrics.update(
         score=to_float(exp.scores),
         kl=to_float(exp.kl.sum(-1)),
@@ -346,8 +382,9 @@ def ppo(
     """Run cfg.steps PPO iterations from `policy` (the SFT model, left untouched) against
     `reward_model`, cycling through `prompts` in shuffled order. Returns the trained actor.
     `gold(prompt, response)`, when given, is logged on the rollouts (never used for training).
-    `ckpt`: as in `sft`; the state is actor, critic, optimizer, the prompt order and position, and the
-    shuffling generator (the frozen reference and reward model are the stage's inputs)."""
+    `ckpt`: as in `sft`; the state is actor, critic, optimizer, the prompt order and position, the
+    shuffling generator and the KL coefficient (the frozen reference and reward model are the
+    stage's inputs)."""
     logger = logger or MetricsLogger()
     throughput = throughput or Throughput()
     rank, world = rank_and_world()
@@ -370,9 +407,16 @@ def ppo(
         start, order, pos = saved["step"], saved["order"], saved["pos"]
         state.generator.set_state(saved["gen"])
         state.guard = NonFiniteGuard(**saved["guard"])
+        state.kl_coef = saved.get("kl_coef", state.kl_coef)  # checkpoints from before the controller lack it
 
     def loop_state():
-        loop = {"order": order, "pos": pos, "gen": state.generator.get_state(), "guard": asdict(state.guard)}
+        loop = {
+            "order": order,
+            "pos": pos,
+            "gen": state.generator.get_state(),
+            "guard": asdict(state.guard),
+            "kl_coef": state.kl_coef,
+        }
         return modules, [state.optimizer], loop
 
     for step in progress(range(start, cfg.steps), desc=stage, enabled=show_progress):
