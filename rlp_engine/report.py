@@ -2,10 +2,39 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-POLICY_NAMES = {"sft": "SFT", "ppo": "PPO", "rlp_uml": "RLP-UML", "rlp_spg": "RLP-SPG"}
-RM_NAMES = {"rm": "RM (D only)", "rm_uml": "RM RLP-UML", "rm_spg": "RM RLP-SPG"}
+POLICY_NAMES = {
+    "sft": "SFT",
+    "ppo": "PPO",
+    "rlp_uml": "RLP-UML",
+    "rlp_spg": "RLP-SPG",
+    "rlp_uml_spg": "RLP-UML+SPG",
+    "ppo_oracle": "PPO (oracle: gold reward)",
+}
+RM_NAMES = {
+    "rm": "RM (D only)",
+    "rm_uml": "RM RLP-UML",
+    "rm_spg": "RM RLP-SPG",
+    "rm_uml_spg": "RM RLP-UML+SPG",
+}
+
+
+def _readable(key: str, names: dict) -> str:
+    """The display name of a policy or reward model; "<name>_r<k>" reads "<name> (round k)"."""
+    if key in names:
+        return names[key]
+    m = re.fullmatch(r"(.+)_r(\d+)", key)
+    return f"{_readable(m.group(1), names)} (round {m.group(2)})" if m else key
+
+
+def policy_name(key: str) -> str:
+    return _readable(key, POLICY_NAMES)
+
+
+def rm_name(key: str) -> str:
+    return _readable(key, RM_NAMES)
 
 
 def _fmt(x, digits: int = 3) -> str:
@@ -16,62 +45,137 @@ def _fmt(x, digits: int = 3) -> str:
     return str(x)
 
 
+def _pm(mean, se, digits: int = 3, signed: bool = False) -> str:
+    """ "mean ± se" ("n/a" without a mean; the mean alone without an SE)."""
+    if mean is None or mean != mean:
+        return "n/a"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text if se is None or se != se else f"{text} ± {se:.{digits}f}"
+
+
+def _diff_targets(policies: dict) -> list[str]:
+    """The policies some row is paired against ("diff_vs_<name>"), in order of first appearance."""
+    seen = {}
+    for row in policies.values():
+        for key in row:
+            if key.startswith("diff_vs_"):
+                seen.setdefault(key[len("diff_vs_") :])
+    return list(seen)
+
+
 def _policy_table(report: dict) -> list[str]:
-    rms = list(report["reward_models"])
-    head = (
-        "| policy | gold score | exact | proxy reward | "
-        + " | ".join(f"reward under {r}" for r in rms)
-        + " |"
-    )
-    lines = [head, "|" + "---|" * (4 + len(rms))]
-    for name, row in report["policies"].items():
-        by_rm = row["proxy_reward_by_rm"]
+    pols = report["policies"]
+    headline = "gold" if any(r.get("gold") is not None for r in pols.values()) else "win_rate"
+    targets = _diff_targets(pols)
+    digits = 3 if headline == "gold" else 1
+    head = ["policy", "gold ± SE", "exact ± SE", "win-rate vs reference (%) ± SE"]
+    head += [f"Δ {headline.replace('_', '-')} vs {policy_name(t)} ± SE" for t in targets]
+    head += ["proxy reward ± SE", "response tokens"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in pols.items():
         cells = [
-            POLICY_NAMES.get(name, name),
-            _fmt(row["gold"]),
-            _fmt(row["exact"]),
-            _fmt(row["proxy_reward"]),
+            policy_name(name),
+            _pm(row.get("gold"), row.get("gold_se")),
+            _pm(row.get("exact"), row.get("exact_se")),
+            _pm(row.get("win_rate"), row.get("win_rate_se"), 1),
         ]
-        cells += [_fmt(by_rm.get(r)) for r in rms]
+        for t in targets:
+            d = row.get(f"diff_vs_{t}") or {}
+            cells.append(_pm(d.get(headline), d.get(f"{headline}_se"), digits, signed=True))
+        cells += [
+            _pm(row.get("proxy_reward"), row.get("proxy_reward_se")),
+            _fmt(row.get("response_tokens"), 1),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
+    ref = report.get("reference")
+    if ref:
+        cells = ["Reference (demonstrator)", _pm(ref.get("gold"), ref.get("gold_se"))]
+        cells += [_pm(ref.get("exact"), ref.get("exact_se")), "50.0"] + [""] * len(targets) + ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _proxy_table(report: dict) -> list[str]:
+    rms = list(report["reward_models"])
+    lines = ["| policy | " + " | ".join(f"reward under {rm_name(r)}" for r in rms) + " |"]
+    lines.append("|" + "---|" * (1 + len(rms)))
+    for name, row in report["policies"].items():
+        by_rm, by_se = row.get("proxy_reward_by_rm") or {}, row.get("proxy_reward_se_by_rm") or {}
+        lines.append(
+            "| " + " | ".join([policy_name(name)] + [_pm(by_rm.get(r), by_se.get(r)) for r in rms]) + " |"
+        )
     return lines
 
 
 def _rm_table(report: dict) -> list[str]:
     pols = list(report["policies"])
-    head = (
-        "| reward model | offline acc | on-policy acc (all) | " + " | ".join(f"on {p}" for p in pols) + " |"
-    )
-    lines = [head, "|" + "---|" * (3 + len(pols))]
+    head = ["reward model", "held-out acc ± SE", "on-policy acc (all) ± SE"]
+    head += [f"on {policy_name(p)} ± SE" for p in pols] + ["best-of: pick is gold-best (chance)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    pairs = prompts = None
     for name, row in report["reward_models"].items():
-        acc = row["on_policy_accuracy"]
-        cells = [RM_NAMES.get(name, name), _fmt(row.get("offline_accuracy")), _fmt(acc["all"])]
-        cells += [_fmt(acc.get(p)) for p in pols]
+        acc, se = row.get("on_policy_accuracy") or {}, row.get("on_policy_accuracy_se") or {}
+        pairs = (row.get("on_policy_pairs") or {}).get("all", acc.get("pairs"))
+        cells = [rm_name(name), _pm(row.get("offline_accuracy"), row.get("offline_accuracy_se"))]
+        cells += [_pm(acc.get(k), se.get(k)) for k in ["all"] + pols]
+        b = row.get("best_of")
+        if b:
+            prompts = b.get("n_prompts")
+            cells.append(f"{_pm(b.get('rate'), b.get('rate_se'))} ({_fmt(b.get('chance'))})")
+        else:
+            cells.append("n/a")
         lines.append("| " + " | ".join(cells) + " |")
-    pairs = (
-        next(iter(report["reward_models"].values()))["on_policy_accuracy"]["pairs"]
-        if report["reward_models"]
-        else 0
-    )
-    lines.append("")
-    lines.append(
-        f"On-policy pairs: {pairs} gold-labelled pairs of the final policies' own samples (ties dropped)."
-    )
+    offline = next((r.get("offline_pairs") for r in report["reward_models"].values()), None)
+    lines += [
+        "",
+        f"On-policy: {_fmt(pairs)} gold-labelled pairs of the policies' own samples (1st with 2nd, 3rd with "
+        "4th sample of a prompt; gold ties dropped; reward ties count 1/2); accuracy per prompt, SE over "
+        "prompts. Held-out: "
+        + (
+            f"{offline} pairs on held-out prompts, binomial SE."
+            if offline
+            else "preference pairs on held-out prompts."
+        )
+        + " Best-of: over the distinct responses all policies gave a prompt, the chance that the reward "
+        "model's top pick is gold-best (in parentheses: a uniform random pick)"
+        + (f", over the {prompts} prompts whose responses differ in gold." if prompts is not None else "."),
+    ]
     return lines
 
 
+def _eval_note(report: dict) -> list[str]:
+    ev = report.get("eval") or {}
+    pols = report["policies"]
+    n = ev.get("n_prompts", next((r.get("n_prompts") for r in pols.values()), None))
+    k = ev.get("samples_per_prompt", next((r.get("samples_per_prompt") for r in pols.values()), None))
+    return [
+        "",
+        f"Each policy sampled once: {_fmt(k)} responses to each of {_fmt(n)} held-out prompts"
+        + (f" at temperature {ev['temperature']}, seed {ev.get('seed')}" if "temperature" in ev else "")
+        + ". Standard errors are clustered by prompt (a prompt's samples averaged first, SE over prompts); "
+        "Δ columns are paired differences on the same prompts (SE of the per-prompt differences). "
+        "Win-rate: a simulated annotator (gold reward, ties 1/2) compares each sample with a reference "
+        "response. Proxy reward: under the reward model the policy was optimised against (SFT: the base "
+        "RM). KL to SFT is not measured at evaluation.",
+    ]
+
+
 def render_markdown(report: dict) -> str:
+    """report.md from report.json's dict; sections whose keys are missing are left out."""
     lines = ["# rlp-engine run report", ""]
-    d = report["data"]
-    lines.append(
-        f"Model: {report['model']['parameters']:,} parameters, vocab {report['model']['vocab']}. "
-        f"Data: {d['sft']} demonstrations, {d['preferences']} preferences, {d['prompts']} unlabeled prompts, "
-        f"{d['eval_prompts']} held-out prompts ({d['eval_samples']} samples each at the evaluation "
-        "temperature)."
-    )
-    lines += ["", "## Policies", ""] + _policy_table(report)
-    lines += ["", "Proxy reward: under the reward model the policy was optimised against (SFT: the base RM)."]
-    lines += ["", "## Reward models", ""] + _rm_table(report)
+    d, model = report.get("data"), report.get("model")
+    if d and model:
+        lines.append(
+            f"Model: {model['parameters']:,} parameters, vocab {model['vocab']}. "
+            f"Data: {d['sft']} demonstrations, {d['preferences']} preferences, {d['prompts']} unlabeled "
+            f"prompts, {d['eval_prompts']} held-out prompts ({d['eval_samples']} samples each at the "
+            "evaluation temperature)."
+        )
+    if report.get("policies"):
+        lines += ["", "## Policies", ""] + _policy_table(report) + _eval_note(report)
+    if report.get("policies") and report.get("reward_models"):
+        lines += ["", "Reward of each policy's samples under every reward model:", ""] + _proxy_table(report)
+        lines += ["", "## Reward models", ""] + _rm_table(report)
     if "spg" in report:
         s = report["spg"]
         lines += [
@@ -80,14 +184,19 @@ def render_markdown(report: dict) -> str:
             f"mean confidence {_fmt(s['confidence'])}, gold accuracy of the synthetic pairs "
             f"{_fmt(s.get('synthetic_pair_gold_acc'))}.",
         ]
-    lines += ["", "## Time", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in report["stage_seconds"].items()]
-    lines.append(f"| total | {report['total_seconds']:.1f} |")
-    lines += ["", "| phase | tokens | seconds | tokens/s |", "|---|---|---|---|"]
-    for k, v in report["throughput"].items():
-        lines.append(f"| {k} | {int(v['tokens'])} | {v['seconds']:.1f} | {v['tokens_per_s']:.0f} |")
-    m = report["machine"]
-    lines += ["", f"Machine: {m['platform']}, {m['threads']} threads, device {m['device']}.", ""]
+    if "stage_seconds" in report:
+        lines += ["", "## Time", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in report["stage_seconds"].items()]
+        if "total_seconds" in report:
+            lines.append(f"| total | {report['total_seconds']:.1f} |")
+    if report.get("throughput"):
+        lines += ["", "| phase | tokens | seconds | tokens/s |", "|---|---|---|---|"]
+        for k, v in report["throughput"].items():
+            lines.append(f"| {k} | {int(v['tokens'])} | {v['seconds']:.1f} | {v['tokens_per_s']:.0f} |")
+    if "machine" in report:
+        m = report["machine"]
+        lines += ["", f"Machine: {m['platform']}, {m['threads']} threads, device {m['device']}."]
+    lines.append("")
     return "\n".join(lines)
 
 

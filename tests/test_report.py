@@ -1,0 +1,100 @@
+"""report.md from evaluate_policies' structure (figures with SEs, paired differences, RM table), from
+the older structure without SEs, and display names of policies beyond the four of the paper."""
+
+from rlp_engine.report import policy_name, render_markdown, rm_name
+
+
+def _policy(gold, se, diffs=None, win=None, proxy=0.25):
+    row = {
+        "gold": gold,
+        "gold_se": se,
+        "exact": gold / 2,
+        "exact_se": se / 2,
+        "win_rate": win,
+        "win_rate_se": None if win is None else 2.5,
+        "proxy_reward_by_rm": {"rm": proxy, "rm_uml": None},
+        "proxy_reward_se_by_rm": {"rm": 0.01, "rm_uml": None},
+        "proxy_reward": proxy,
+        "proxy_reward_se": 0.01,
+        "response_tokens": 3.25,
+        "n_prompts": 128,
+        "samples_per_prompt": 4,
+        "examples": [],
+    }
+    for target, (d, dse) in (diffs or {}).items():
+        row[f"diff_vs_{target}"] = {
+            "gold": d,
+            "gold_se": dse,
+            "win_rate": None,
+            "win_rate_se": None,
+            "n_prompts": 128,
+        }
+    return row
+
+
+def _rm(acc, pols):
+    return {
+        "on_policy_accuracy": {**{p: acc for p in pols}, "all": acc, "pairs": 300},
+        "on_policy_accuracy_se": {**{p: 0.04 for p in pols}, "all": 0.02},
+        "on_policy_pairs": {**{p: 100 for p in pols}, "all": 300},
+        "on_policy_prompts": {**{p: 90 for p in pols}, "all": 120},
+        "offline_accuracy": 0.8125,
+        "offline_accuracy_se": 0.0244,
+        "offline_pairs": 256,
+        "best_of": {"rate": 0.5, "rate_se": 0.05, "chance": 0.3125, "chance_se": 0.02, "n_prompts": 100},
+    }
+
+
+def test_new_structure_renders_se_deltas_and_readable_names():
+    pols = ["sft", "ppo", "rlp_spg", "ppo_oracle"]
+    report = {
+        "policies": {
+            "sft": _policy(0.4, 0.03, win=36.7),
+            "ppo": _policy(0.5, 0.03, {"sft": (0.1, 0.02)}, win=46.8),
+            "rlp_spg": _policy(0.55, 0.03, {"sft": (0.15, 0.02), "ppo": (0.05, 0.0125)}, win=50.2),
+            "ppo_oracle": _policy(0.7, 0.02, {"sft": (0.3, 0.025)}),
+        },
+        "reward_models": {"rm": _rm(0.75, pols), "rm_spg_r2": _rm(0.8, pols)},
+        "reference": {"gold": 0.9, "gold_se": 0.01, "exact": 0.8, "exact_se": 0.02, "n_prompts": 128},
+        "eval": {"n_prompts": 128, "samples_per_prompt": 4, "temperature": 0.7, "seed": 0},
+        "stage_seconds": {"sft": 1.0},
+        "total_seconds": 2.0,
+    }
+    md = render_markdown(report)
+    assert (
+        "| policy | gold ± SE | exact ± SE | win-rate vs reference (%) ± SE | "
+        "Δ gold vs SFT ± SE | Δ gold vs PPO ± SE |" in md
+    )
+    assert (
+        "| RLP-SPG | 0.550 ± 0.030 | 0.275 ± 0.015 | 50.2 ± 2.5 | +0.150 ± 0.020 | +0.050 ± 0.013 | "
+        "0.250 ± 0.010 | 3.2 |" in md
+    )
+    # SFT has no difference to itself; the oracle is not paired against PPO; it has no win-rate
+    assert "| SFT | 0.400 ± 0.030 | 0.200 ± 0.015 | 36.7 ± 2.5 | n/a | n/a |" in md
+    assert "| PPO (oracle: gold reward) | 0.700 ± 0.020 | 0.350 ± 0.010 | n/a | +0.300 ± 0.025 | n/a |" in md
+    assert "| Reference (demonstrator) | 0.900 ± 0.010 | 0.800 ± 0.020 | 50.0 |" in md
+    assert "4 responses to each of 128 held-out prompts at temperature 0.7, seed 0" in md
+    assert "| RM RLP-SPG (round 2) | 0.812 ± 0.024 | 0.800 ± 0.020 | 0.800 ± 0.040 |" in md
+    assert "| 0.500 ± 0.050 (0.312) |" in md
+    assert "On-policy: 300 gold-labelled pairs" in md and "256 pairs on held-out prompts" in md
+    assert "| total | 2.0 |" in md and "## Time" in md
+
+
+def test_older_structure_without_se_still_renders():
+    pols = {"sft": {"gold": 0.4, "exact": 0.2, "proxy_reward_by_rm": {"rm": 0.1}, "proxy_reward": 0.1}}
+    rms = {"rm": {"on_policy_accuracy": {"sft": 0.7, "all": 0.7, "pairs": 12}, "offline_accuracy": 0.8}}
+    md = render_markdown({"policies": pols, "reward_models": rms})
+    assert "| SFT | 0.400 | 0.200 | n/a | 0.100 | n/a |" in md
+    assert "| RM (D only) | 0.800 | 0.700 | 0.700 | n/a |" in md
+    assert "On-policy: 12 gold-labelled pairs" in md and "## Time" not in md
+
+
+def test_display_names():
+    assert [policy_name(k) for k in ("rlp_uml", "rlp_uml_spg", "rlp_spg_r2", "ppo_oracle", "my_policy")] == [
+        "RLP-UML",
+        "RLP-UML+SPG",
+        "RLP-SPG (round 2)",
+        "PPO (oracle: gold reward)",
+        "my_policy",
+    ]
+    assert rm_name("rm_uml_r3") == "RM RLP-UML (round 3)" and rm_name("rm") == "RM (D only)"
