@@ -263,10 +263,11 @@ def _best_of_row(table: dict, evals: dict) -> dict | None:
         return None
     hits, chances = [], []
     first = next(iter(evals.values()))
+    groups = [list(zip(ev.groups(ev.responses), ev.groups(ev.gold))) for ev in evals.values()]
     for i, prompt in enumerate(first.prompts[:: first.samples_per_prompt]):
         cand = {}  # response -> gold, first occurrence order
-        for ev in evals.values():
-            cand.update(zip(ev.groups(ev.responses)[i], ev.groups(ev.gold)[i]))
+        for g in groups:
+            cand.update(zip(*g[i]))
         if len(set(cand.values())) < 2:
             continue  # one response, or all gold-equal: nothing to pick
         hit, chance = best_of([table[(prompt, r)] for r in cand], list(cand.values()))
