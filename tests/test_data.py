@@ -183,3 +183,65 @@ def test_tokenize_prompts_batched_equals_one_by_one_and_cut_keeps_the_end():
     assert any(len(ids) > 7 for ids in whole) and all(len(ids) <= 7 for ids in cut)
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         encode_prompts(tok, prompts, max_tokens=0)
+
+
+# --- the reverse task (the default testbed) and the task interface ---
+
+import random  # noqa: E402
+from rlp_engine.data.task import ReverseTask, annotate, label_pairs, make_task, reverse_credit  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "truth,response,expected",
+    [
+        ("9284", "9284", 1.0),  # the reversal
+        ("9284", " 9284 ", 1.0),  # surrounding space ignored
+        ("9284", "4829", 0.0),  # a copy: no position agrees
+        ("9284", "9285", 0.5 * 3 / 4),  # one digit wrong: 3 of 4 positions
+        ("9284", "92845", 0.5 * 4 / 5),  # one digit too many: 4 of the longer 5
+        ("9284", "", 0.0),
+    ],
+)
+def test_reverse_credit_hand_worked(truth, response, expected):
+    assert reverse_credit(truth, response) == pytest.approx(expected)
+
+
+def test_reverse_eval_prompts_are_disjoint_from_every_training_prompt():
+    task = ReverseTask(seed=3, num_eval=256)
+    evals = task.eval_prompts(256)
+    assert len(evals) == len(set(evals)) == 256
+    train = {e.prompt for e in task.sft_examples(4000, 0.45, seed=3)}
+    train |= set(task.preference_prompts(3000, seed=3)) | set(task.unlabeled_prompts(400, seed=3))
+    assert not train & set(evals)
+    # the same distribution: 3-5 digits then ">", in both sets
+    for p in list(train)[:500] + evals:
+        assert p.endswith(">") and p[:-1].isdigit() and 3 <= len(p) - 1 <= 5
+
+
+def test_default_config_evaluates_on_at_least_200_heldout_prompts_16_samples():
+    cfg = load_config()
+    task = make_task(cfg.data, seed=0)
+    assert isinstance(task, ReverseTask)
+    assert len(task.eval_prompts(cfg.data.num_eval)[: cfg.eval.num_prompts]) >= 200
+    assert cfg.eval.samples_per_prompt >= 16
+
+
+def test_reverse_demonstrator_copies_a_share_noise():
+    task = ReverseTask(seed=0)
+    ex = task.sft_examples(4000, 0.45, seed=1)
+    copies = sum(e.response == e.prompt[:-1] and e.response != e.response[::-1] for e in ex) / len(ex)
+    right = sum(task.gold(e.prompt, e.response) == 1.0 for e in ex) / len(ex)
+    assert 0.40 < copies < 0.47  # 0.45 minus the palindromes, whose copy is also the reversal
+    assert right == pytest.approx(1 - copies, abs=1e-9)
+
+
+def test_annotator_prefers_gold_and_flips_a_share():
+    rng = random.Random(0)
+    gold = ReverseTask(seed=0).gold
+    clean = [annotate(gold, "123>", "321", "123", 0.0, rng) for _ in range(50)]
+    assert all(p.chosen == "321" for p in clean)
+    noisy = [annotate(gold, "123>", "321", "123", 0.2, rng) for _ in range(4000)]
+    assert 0.17 < sum(p.chosen == "123" for p in noisy) / 4000 < 0.23
+    assert annotate(gold, "123>", "321", "321", 0.0, rng) is None  # identical: no pair
+    pairs = label_pairs(ReverseTask(seed=0), ["12>", "34>"], [("21", "12"), ("43", "43")], 0.0, seed=0)
+    assert [(p.chosen, p.rejected) for p in pairs] == [("21", "12")]

@@ -23,14 +23,14 @@ def tiny_run(tmp_path_factory):
 
 def test_train_writes_report_curves_metrics_and_checkpoints(tiny_run):
     report = json.loads((tiny_run / "report.json").read_text())
-    assert set(report["policies"]) == {"sft", "ppo", "rlp_uml", "rlp_spg"}
+    assert set(report["policies"]) == {"sft", "ppo", "ppo_oracle", "rlp_uml", "rlp_spg"}
     for row in report["policies"].values():
         assert 0.0 <= row["gold"] <= 1.0 and row["proxy_reward"] is not None
     assert set(report["reward_models"]) == {"rm", "rm_uml", "rm_spg"}
     for row in report["reward_models"].values():
-        assert set(row["on_policy_accuracy"]) >= {"sft", "ppo", "rlp_uml", "rlp_spg", "all", "pairs"}
+        assert set(row["on_policy_accuracy"]) >= {"sft", "ppo", "ppo_oracle", "rlp_uml", "rlp_spg", "all", "pairs"}
         assert 0.0 <= row["offline_accuracy"] <= 1.0
-    stages = ("sft", "rm", "ppo", "sample", "rm_uml", "ppo_uml", "rm_spg", "ppo_spg", "eval")
+    stages = ("sft", "pref", "rm", "ppo", "ppo_oracle", "sample", "rm_uml", "ppo_uml", "rm_spg", "ppo_spg", "eval")
     assert list(report["stage_seconds"]) == list(stages)
     assert set(report["throughput"]) == {"generation", "scoring", "training"}
     assert all(v["tokens"] > 0 for v in report["throughput"].values())
@@ -38,10 +38,11 @@ def test_train_writes_report_curves_metrics_and_checkpoints(tiny_run):
     assert "| RLP-SPG |" in md and "tokens/s" in md
     assert (tiny_run / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
     lines = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
-    assert {x["stage"] for x in lines} == {"sft", "rm", "ppo", "rm_uml", "ppo_uml", "rm_spg", "ppo_spg"}
+    logged = {"sft", "rm", "ppo", "ppo_oracle", "rm_uml", "ppo_uml", "rm_spg", "ppo_spg"}
+    assert {x["stage"] for x in lines} == logged
     assert any(x["stage"] == "rm_uml" and "mi" in x for x in lines)
     assert any((tiny_run / "tb").iterdir())
-    for name in ("sft", "ppo", "ppo_uml", "ppo_spg"):
+    for name in ("sft", "ppo", "ppo_oracle", "ppo_uml", "ppo_spg"):
         assert (tiny_run / "checkpoints" / name / "config.json").is_file()
         assert (tiny_run / "checkpoints" / name / "tokenizer.json").is_file()
     for name in ("rm", "rm_uml", "rm_spg"):

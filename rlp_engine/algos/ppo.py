@@ -54,6 +54,9 @@ class PPOState:
     # beta of the KL penalty in the shaped rewards: cfg.kl_coef, fixed, or (cfg.kl_target set) moved
     # after every rollout by adaptive_kl_coef; saved with the loop state (exact resume)
     kl_coef: float | None = None
+    # reward_fn(prompts, responses) -> [B] scores replaces the reward model as the scorer (the oracle
+    # run: the task's gold reward); the reward model then only initialises the critic
+    reward_fn: object = None
 
     def __post_init__(self):
         if self.kl_coef is None:
@@ -179,10 +182,15 @@ def tis_weights(
 
 @torch.no_grad()
 def make_experience(
-    state: PPOState, batch: SeqBatch, throughput: Throughput, gen_logprobs: torch.Tensor | None = None
+    state: PPOState,
+    batch: SeqBatch,
+    throughput: Throughput,
+    gen_logprobs: torch.Tensor | None = None,
+    texts: tuple[list[str], list[str]] | None = None,
 ) -> Experience:
     """Scoring phase: log-probs under actor and reference, values, scores, rewards, advantages, and
-    (given the generator's log-probs and cfg.tis_cap > 0) the truncated IS weights."""
+    (given the generator's log-probs and cfg.tis_cap > 0) the truncated IS weights. `texts`: the
+    batch's (prompts, responses), which state.reward_fn scores when set."""
     cfg = state.cfg
     mask = batch.response_mask
     with throughput.phase("scoring") as rec:
@@ -197,7 +205,10 @@ def make_experience(
             state.ref, batch.input_ids, batch.attention_mask, batch.response_len, temperature=cfg.temperature
         )
         values = critic_values(state.critic, batch) * mask
-        scores = state.reward_model.score(batch.input_ids, batch.attention_mask)
+        if state.reward_fn is not None:
+            scores = torch.as_tensor(state.reward_fn(*texts), dtype=torch.float32, device=mask.device)
+        else:
+            scores = state.reward_model.score(batch.input_ids, batch.attention_mask)
         kl = ops.kl_penalty(old_lp, ref_lp, kind=cfg.kl_kind) * mask
         seq_scores = scores
         if cfg.whiten_rewards and scores.numel() > 1:
@@ -329,7 +340,8 @@ def ppo_step(
         with throughput.phase("generation") as rec:
             samples = sample(state.gen_model, state.tokenizer, prompts, state.cfg, state.data_cfg, n=1)
             rec["tokens"] = int(samples.batch.response_mask.sum())
-    exp = make_experience(state, samples.batch, throughput, samples.logprobs)
+    texts = (samples.prompts, samples.responses)
+    exp = make_experience(state, samples.batch, throughput, samples.logprobs, texts)
     metrics = train_on_experience(state, exp, throughput, step)
     mask = exp.batch.response_mask
     stats = {
@@ -378,10 +390,13 @@ def ppo(
     ckpt: LoopCheckpoint | None = None,
     max_nonfinite_steps: int = 10,
     train_backend: str = "fsdp2",
+    reward_fn=None,
 ) -> torch.nn.Module:
     """Run cfg.steps PPO iterations from `policy` (the SFT model, left untouched) against
     `reward_model`, cycling through `prompts` in shuffled order. Returns the trained actor.
     `gold(prompt, response)`, when given, is logged on the rollouts (never used for training).
+    `reward_fn(prompts, responses) -> scores`, when given, is the reward instead of `reward_model`
+    (which still initialises the critic): PPO against the gold reward itself, the oracle row.
     `ckpt`: as in `sft`; the state is actor, critic, optimizer, the prompt order and position, the
     shuffling generator and the KL coefficient (the frozen reference and reward model are the
     stage's inputs)."""
@@ -397,6 +412,7 @@ def ppo(
     torch.manual_seed(seed + rank)  # the same weights everywhere (copied), different sampling noise
     state = init_ppo(policy, reward_model, tokenizer, cfg, data_cfg, seed=seed, train_backend=train_backend)
     state.guard = NonFiniteGuard(max_nonfinite_steps, stage)
+    state.reward_fn = reward_fn
     order = torch.randperm(len(prompts), generator=state.generator).tolist()
     pos = start = 0
     modules = {"actor": unwrap_lm(state.actor), "critic": state.critic}  # HF names on any world size

@@ -1,5 +1,9 @@
-"""The pipeline's data sets from a DataConfig: the embedded arithmetic task, with any part replaced
-by a JSONL file; with task "none", everything comes from JSONL and there is no gold reward."""
+"""The pipeline's data sets from a DataConfig: an embedded task (data/task.py), with any part replaced
+by a JSONL file; with task "none", everything comes from JSONL and there is no gold reward.
+
+Preferences: with data.pref_source="policy" (AlpacaFarm, the default) D is made after SFT from two
+SFT samples per prompt of `pref_prompts`, labelled by the task's simulated annotator; "task" takes
+the task's own pair generator (arithmetic only); data.pref_path reads them from JSONL."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from dataclasses import dataclass, field
 
 from rlp_engine.data.jsonl import DataError, preference_rows, prompt_rows, sft_rows
 from rlp_engine.data.records import Example, Preference
-from rlp_engine.data.task import ArithmeticTask, gold_score
+from rlp_engine.data.task import Task, make_task
 
 # The four data sets, in the order errors and counts list them.
 DATASETS = ("sft", "preferences", "prompts", "eval")
@@ -37,12 +41,14 @@ class Source:
 @dataclass
 class TaskData:
     sft: list[Example]  # demonstrations (stage 1)
-    preferences: list[Preference]  # D (stages 2 and 5)
+    preferences: list[Preference]  # D (stages 2 and 5); empty until SFT with data.pref_source=policy
     prompts: list[str]  # unlabeled prompts (PPO and P)
     eval_prompts: list[str]  # held out
     gold: Callable[[str, str], float] | None  # gold reward, when the task has one
-    task: ArithmeticTask | None = None
+    task: Task | None = None
     sources: dict[str, Source] = field(default_factory=dict)  # keyed by DATASETS
+    # data.pref_source=policy: the prompts whose two SFT samples the annotator labels into D
+    pref_prompts: list[str] = field(default_factory=list)
 
     def texts(self) -> list[str]:
         """Every string in the data (to train a tokenizer on)."""
@@ -54,7 +60,7 @@ class TaskData:
         """The records of data set `name` (one of DATASETS)."""
         return {
             "sft": self.sft,
-            "preferences": self.preferences,
+            "preferences": self.preferences or self.pref_prompts,
             "prompts": self.prompts,
             "eval": self.eval_prompts,
         }[name]
@@ -82,10 +88,17 @@ def build_data(cfg, seed: int = 0) -> TaskData:
         missing = [f"data.{_FILES[n][0]}" for n in DATASETS if getattr(cfg, _FILES[n][0]) is None]
         if missing:
             raise DataError(f"data.task=none needs JSONL files for: {', '.join(missing)}")
-    task = None if cfg.task == "none" else ArithmeticTask(max_operand=cfg.max_operand, seed=seed)
+    task = make_task(cfg, seed)
+    from_policy = cfg.pref_source == "policy"
+    if not from_policy and not hasattr(task, "preferences") and cfg.pref_path is None:
+        raise DataError(f"data.pref_source=task: the {cfg.task} task has no pair generator; use policy")
     generate = {
         "sft": lambda: task.sft_examples(cfg.num_sft, cfg.sft_noise, seed),
-        "preferences": lambda: task.preferences(cfg.num_pref, cfg.label_noise, seed),
+        "preferences": lambda: (
+            task.preference_prompts(cfg.num_pref, seed)
+            if from_policy
+            else task.preferences(cfg.num_pref, cfg.label_noise, seed)
+        ),
         "prompts": lambda: task.unlabeled_prompts(cfg.num_unlabeled, seed),
         "eval": lambda: task.eval_prompts(cfg.num_eval),
     }
@@ -96,12 +109,15 @@ def build_data(cfg, seed: int = 0) -> TaskData:
             sets[name], sources[name] = _read(cfg, name)
         else:
             sets[name], sources[name] = generate[name](), Source(f"data.{size_key}")
+    prefs = sets["preferences"]
+    as_prompts = bool(prefs) and isinstance(prefs[0], str)  # D comes from the SFT policy later
     return TaskData(
         sets["sft"],
-        sets["preferences"],
+        [] if as_prompts else prefs,
         sets["prompts"],
         sets["eval"],
-        gold=None if task is None else gold_score,
+        gold=None if task is None else task.gold,
         task=task,
         sources=sources,
+        pref_prompts=prefs if as_prompts else [],
     )

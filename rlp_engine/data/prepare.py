@@ -153,7 +153,8 @@ def apply_long_prompts(data: TaskData, tokenizer, data_cfg) -> tuple[TaskData, d
     kept = replace(
         data,
         sft=sets["sft"],
-        preferences=sets["preferences"],
+        preferences=sets["preferences"] if data.preferences else [],
+        pref_prompts=[] if data.preferences else sets["preferences"],
         prompts=sets["prompts"],
         eval_prompts=sets["eval"],
         sources=sources,

@@ -29,7 +29,7 @@ import torch
 
 from rlp_engine import ops
 from rlp_engine.algos.ppo import ppo
-from rlp_engine.algos.reward import preference_accuracy, train_reward_model
+from rlp_engine.algos.reward import train_reward_model
 from rlp_engine.algos.rlp import rlp_spg, rlp_uml, sample_policy
 from rlp_engine.algos.sft import sft
 from rlp_engine.config import ConfigError, TrainConfig, dump_yaml, to_dict
@@ -37,11 +37,13 @@ from rlp_engine.data.build import TaskData
 from rlp_engine.data.prepare import prepare_inputs
 from rlp_engine.engine.checkpoint import CheckpointStore, LoopCheckpoint, publish
 from rlp_engine.engine.distributed import barrier, check_replicas, init_distributed, rank_and_world
-from rlp_engine.engine.evaluate import evaluate_policy, gold_pairs, reward_model_accuracy
+from rlp_engine.data.task import annotate, label_pairs
+from rlp_engine.engine.evaluate import evaluate_policies
+from rlp_engine.engine.generate import sample
 from rlp_engine.engine.metrics import MetricsLogger, Throughput
 from rlp_engine.models.heads import GaussianEncoder, ScalarHeadModel
 
-STAGES = ("sft", "rm", "ppo", "uml", "spg")
+STAGES = ("sft", "rm", "ppo", "oracle", "uml", "spg")
 
 
 class Stage:
@@ -94,6 +96,7 @@ class Run:
         self.stage_seconds: dict[str, float] = {}
         self.device = torch.device(cfg.run.device)
         self.gold = None  # the task's gold reward, logged on PPO rollouts (never trained on)
+        self.heldout_pairs = None  # gold-labelled pairs of SFT samples on the eval prompts
 
     def _logger(self, metrics_bytes: int | None) -> MetricsLogger:
         """The metrics logger; on resume metrics.jsonl is first cut back to what the checkpoint had
@@ -228,17 +231,41 @@ def _reward_model(policy, device, latent_dim: int | None = None) -> ScalarHeadMo
     return rm.to(device)
 
 
-def _ppo_stage(run: Run, name: str, policy, reward_model, tokenizer, prompts: list[str]):
-    """The PPO stage `name` from the SFT `policy` against `reward_model`; returns the trained actor
-    (a finished stage: a copy of `policy` holding its saved actor weights)."""
+def _ppo_stage(run: Run, name: str, policy, reward_model, tokenizer, prompts: list[str], reward_fn=None):
+    """The PPO stage `name` from the SFT `policy` against `reward_model` (or `reward_fn`, see `ppo`);
+    returns the trained actor (a finished stage: a copy of `policy` holding its saved actor weights)."""
     with run.stage(name) as st:
         if st.done:
             actor = copy.deepcopy(policy)
         else:
             cfg = run.cfg
-            actor = ppo(policy, reward_model, tokenizer, prompts, cfg.ppo, cfg.data, **run.ppo_kwargs(st))
+            actor = ppo(
+                policy,
+                reward_model,
+                tokenizer,
+                prompts,
+                cfg.ppo,
+                cfg.data,
+                reward_fn=reward_fn,
+                **run.ppo_kwargs(st),
+            )
         st.keep({"actor": actor}, export=actor, tokenizer=tokenizer)
     return actor
+
+
+def _equivalence(name: str, data: TaskData):
+    """spg.equivalence "answer": the task's own answer(response) (each response without one is its
+    own cluster); other names are rlp_spg's built-in keys."""
+    if name != "answer":
+        return name
+    if data.task is None:
+        return "exact"
+
+    def key(response: str, index: int):
+        answer = data.task.answer(response)
+        return ("answer", answer) if answer is not None else ("none", index)
+
+    return key
 
 
 def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, dict]:
@@ -251,6 +278,16 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
             sft(policy, tokenizer, data.sft, cfg.sft, cfg.data, **run.train_kwargs(st))
         policy.eval()
         st.keep({"policy": policy}, export=policy, tokenizer=tokenizer)
+    with run.stage("pref") as st:
+        # AlpacaFarm's D: two samples of the SFT policy per prompt, labelled by the simulated annotator;
+        # and, for the held-out RM accuracy, gold-labelled pairs of SFT samples on the eval prompts
+        prefs = heldout = None
+        if not st.done:
+            prefs, heldout = preference_sets(run, data, tokenizer, policy)
+        got = st.keep({}, {"preferences": prefs, "heldout": heldout})
+        if got["preferences"] is not None:
+            data.preferences = got["preferences"]
+        run.heldout_pairs = got["heldout"]
     with run.stage("rm") as st:
         rm = _reward_model(policy, run.device)
         if not st.done:
@@ -260,6 +297,12 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
     policies, rms, info = {"sft": policy}, {"rm": rm}, {}
     prompts = data.prompts
     policies["ppo"] = _ppo_stage(run, "ppo", policy, rm, tokenizer, prompts)
+    if "oracle" in stages and data.gold is not None:
+        # the ceiling of the testbed: PPO against the gold reward itself (critic initialised from rm)
+        def gold_reward(ps, rs):
+            return [data.gold(p, r) for p, r in zip(ps, rs)]
+
+        policies["ppo_oracle"] = _ppo_stage(run, "ppo_oracle", policy, rm, tokenizer, prompts, gold_reward)
     if not stages & {"uml", "spg"}:
         return policies, rms, info
     with run.stage("sample") as st:
@@ -299,42 +342,82 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
                     samples,
                     cfg.spg,
                     cfg.data,
+                    equivalence=_equivalence(cfg.spg.equivalence, data),
                     **run.train_kwargs(st),
                 )
                 if data.gold is not None and synthetic:
-                    right = sum(
-                        data.gold(p.prompt, p.chosen) > data.gold(p.prompt, p.rejected) for p in synthetic
-                    )
-                    stats["synthetic_pair_gold_acc"] = right / len(synthetic)
+                    g = [(data.gold(p.prompt, p.chosen), data.gold(p.prompt, p.rejected)) for p in synthetic]
+                    stats["synthetic_pair_gold_acc"] = sum(w > lo for w, lo in g) / len(g)
+                    stats["synthetic_pair_gold_ties"] = sum(w == lo for w, lo in g) / len(g)
             rms["rm_spg"].requires_grad_(False)
             info["spg"] = st.keep({"rm": rms["rm_spg"]}, {"stats": stats}, rms["rm_spg"], tokenizer)["stats"]
         policies["rlp_spg"] = _ppo_stage(run, "ppo_spg", policy, rms["rm_spg"], tokenizer, prompts)
     return policies, rms, info
 
 
+def _sample_pairs(run: Run, policy, tokenizer, prompts: list[str], n: int) -> list[list[str]]:
+    """`n` samples of `policy` per prompt (run.cfg.sample's temperature), grouped per prompt."""
+    cfg = run.cfg
+    s = sample(policy, tokenizer, prompts, cfg.sample, cfg.data, n=n, batch_size=cfg.eval.batch_size)
+    return [s.responses[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def preference_sets(run: Run, data: TaskData, tokenizer, policy):
+    """(D, held-out pairs). D: data.pref_prompts' SFT-sample pairs labelled by the task's annotator
+    with data.label_noise (None when D came from the task or JSONL). Held-out: pairs (0, 1), (2, 3)
+    of 4 SFT samples per eval prompt, labelled by gold without noise, gold ties dropped (None
+    without gold): the RM's accuracy on the distribution of D, on prompts it never saw."""
+    cfg = run.cfg
+    prefs = heldout = None
+    if data.pref_prompts:
+        groups = _sample_pairs(run, policy, tokenizer, data.pref_prompts, 2)
+        prefs = label_pairs(data.task, data.pref_prompts, [tuple(g) for g in groups], cfg.data.label_noise, cfg.run.seed)
+        run.say(f"D: {len(prefs)} labelled pairs of SFT samples ({len(data.pref_prompts) - len(prefs)} identical dropped)")
+        if not prefs:
+            raise ConfigError("data.num_pref: every pair of SFT samples was identical; D is empty")
+    if data.gold is not None:
+        prompts = data.eval_prompts[: cfg.eval.num_prompts]
+        groups = _sample_pairs(run, policy, tokenizer, prompts, 4)
+        rng = random.Random(0)
+        heldout = []
+        for p, g in zip(prompts, groups):
+            for a, b in ((g[0], g[1]), (g[2], g[3])):
+                if data.gold(p, a) != data.gold(p, b):
+                    heldout.append(annotate(data.gold, p, a, b, 0.0, rng))
+    return prefs, heldout
+
+
 # Which reward model each policy was optimised against (its "proxy reward").
-PROXY_OF = {"sft": "rm", "ppo": "rm", "rlp_uml": "rm_uml", "rlp_spg": "rm_spg"}
+PROXY_OF = {"sft": "rm", "ppo": "rm", "ppo_oracle": "rm", "rlp_uml": "rm_uml", "rlp_spg": "rm_spg"}
+
+
+def _reference(data: TaskData, prompts: list[str], n: int, noise: float, seed: int):
+    """The demonstrator that wrote the SFT data, `n` responses per eval prompt: the fixed reference
+    of the win-rates (the paper compares with text-davinci-003)."""
+    if data.task is None or not hasattr(data.task, "demonstrate"):
+        return None
+    rng = random.Random(seed * 7919 + 17)
+    return {p: [data.task.demonstrate(p, rng, noise) for _ in range(n)] for p in prompts}
 
 
 def evaluate_all(run: Run, data: TaskData, tokenizer, policies: dict, rms: dict) -> dict:
     cfg = run.cfg
-    evals, report_policies = {}, {}
-    for name, pol in policies.items():
-        evals[name] = evaluate_policy(pol, tokenizer, data.eval_prompts, cfg.eval, cfg.data, rms, data.gold)
-        summary = evals[name].summary()
-        summary["proxy_reward"] = summary["proxy_reward_by_rm"].get(PROXY_OF[name])
-        report_policies[name] = summary
-    pairs = {name: gold_pairs(ev) for name, ev in evals.items()}
-    rm_report = {
-        name: {"on_policy_accuracy": acc}
-        for name, acc in reward_model_accuracy(rms, tokenizer, pairs, cfg.data).items()
-    }
-    if data.task is not None:
-        # Off-policy accuracy: fresh pairs from the preference generator, labelled by gold (no noise).
-        heldout = data.task.preferences(256, 0.0, cfg.run.seed + 1000)
-        for name, rm in rms.items():
-            rm_report[name]["offline_accuracy"] = preference_accuracy(rm, tokenizer, heldout, cfg.data)
-    return {"policies": report_policies, "reward_models": rm_report}
+    prompts = data.eval_prompts[: cfg.eval.num_prompts]
+    reference = _reference(data, prompts, cfg.eval.samples_per_prompt, cfg.data.sft_noise, cfg.run.seed)
+    return evaluate_policies(
+        policies,
+        rms,
+        tokenizer,
+        prompts,
+        cfg.eval,
+        cfg.data,
+        data.gold,
+        reference=reference,
+        proxy_of=PROXY_OF,
+        paired_against={name: "ppo" for name in policies if name not in ("sft", "ppo")},
+        heldout_pairs=run.heldout_pairs or None,
+        seed=cfg.run.seed,
+    )
 
 
 def run_pipeline(cfg: TrainConfig, resume: bool = False) -> dict:
