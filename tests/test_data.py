@@ -1,6 +1,7 @@
 """The embedded task (gold reward, simulated annotator, splits) and the JSONL readers."""
 
 import json
+import random
 
 import pytest
 
@@ -15,6 +16,7 @@ from rlp_engine.data import (
     read_sft,
 )
 from rlp_engine.data.build import build_data
+from rlp_engine.data.task import ReverseTask, annotate, label_pairs, make_task, reverse_credit
 
 
 def test_extract_answer():
@@ -186,9 +188,6 @@ def test_tokenize_prompts_batched_equals_one_by_one_and_cut_keeps_the_end():
 
 
 # --- the reverse task (the default testbed) and the task interface ---
-
-import random  # noqa: E402
-from rlp_engine.data.task import ReverseTask, annotate, label_pairs, make_task, reverse_credit  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -23,14 +23,40 @@ def tiny_run(tmp_path_factory):
 
 def test_train_writes_report_curves_metrics_and_checkpoints(tiny_run):
     report = json.loads((tiny_run / "report.json").read_text())
-    assert set(report["policies"]) == {"sft", "ppo", "ppo_oracle", "rlp_uml", "rlp_spg"}
+    policies = {"sft", "ppo", "ppo_oracle", "rlp_uml", "rlp_spg", "rlp_uml_spg", "rlp_spg_r2"}
+    assert set(report["policies"]) == policies
     for row in report["policies"].values():
         assert 0.0 <= row["gold"] <= 1.0 and row["proxy_reward"] is not None
-    assert set(report["reward_models"]) == {"rm", "rm_uml", "rm_spg"}
+    assert set(report["reward_models"]) == {"rm", "rm_uml", "rm_spg", "rm_uml_spg", "rm_spg_r2"}
     for row in report["reward_models"].values():
-        assert set(row["on_policy_accuracy"]) >= {"sft", "ppo", "ppo_oracle", "rlp_uml", "rlp_spg", "all", "pairs"}
+        assert set(row["on_policy_accuracy"]) >= {
+            "sft",
+            "ppo",
+            "ppo_oracle",
+            "rlp_uml",
+            "rlp_spg",
+            "all",
+            "pairs",
+        }
         assert 0.0 <= row["offline_accuracy"] <= 1.0
-    stages = ("sft", "pref", "rm", "ppo", "ppo_oracle", "sample", "rm_uml", "ppo_uml", "rm_spg", "ppo_spg", "eval")
+    stages = (
+        "sft",
+        "pref",
+        "rm",
+        "ppo",
+        "ppo_oracle",
+        "sample",
+        "rm_uml",
+        "ppo_uml",
+        "rm_spg",
+        "ppo_spg",
+        "rm_uml_spg",  # both refinements at once
+        "ppo_uml_spg",
+        "sample_r2",  # rlp.rounds=2: P again from RLP-SPG's policy, refined again
+        "rm_spg_r2",
+        "ppo_spg_r2",
+        "eval",
+    )
     assert list(report["stage_seconds"]) == list(stages)
     assert set(report["throughput"]) == {"generation", "scoring", "training"}
     assert all(v["tokens"] > 0 for v in report["throughput"].values())
@@ -39,13 +65,14 @@ def test_train_writes_report_curves_metrics_and_checkpoints(tiny_run):
     assert (tiny_run / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
     lines = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     logged = {"sft", "rm", "ppo", "ppo_oracle", "rm_uml", "ppo_uml", "rm_spg", "ppo_spg"}
+    logged |= {"rm_uml_spg", "ppo_uml_spg", "rm_spg_r2", "ppo_spg_r2"}
     assert {x["stage"] for x in lines} == logged
     assert any(x["stage"] == "rm_uml" and "mi" in x for x in lines)
     assert any((tiny_run / "tb").iterdir())
-    for name in ("sft", "ppo", "ppo_oracle", "ppo_uml", "ppo_spg"):
+    for name in ("sft", "ppo", "ppo_oracle", "ppo_uml", "ppo_spg", "ppo_uml_spg", "ppo_spg_r2"):
         assert (tiny_run / "checkpoints" / name / "config.json").is_file()
         assert (tiny_run / "checkpoints" / name / "tokenizer.json").is_file()
-    for name in ("rm", "rm_uml", "rm_spg"):
+    for name in ("rm", "rm_uml", "rm_spg", "rm_uml_spg", "rm_spg_r2"):
         assert (tiny_run / "checkpoints" / name / "scalar_head.pt").is_file()
 
 

@@ -35,15 +35,15 @@ from rlp_engine.algos.sft import sft
 from rlp_engine.config import ConfigError, TrainConfig, dump_yaml, to_dict
 from rlp_engine.data.build import TaskData
 from rlp_engine.data.prepare import prepare_inputs
+from rlp_engine.data.task import annotate, label_pairs
 from rlp_engine.engine.checkpoint import CheckpointStore, LoopCheckpoint, publish
 from rlp_engine.engine.distributed import barrier, check_replicas, init_distributed, rank_and_world
-from rlp_engine.data.task import annotate, label_pairs
 from rlp_engine.engine.evaluate import evaluate_policies
 from rlp_engine.engine.generate import sample
 from rlp_engine.engine.metrics import MetricsLogger, Throughput
 from rlp_engine.models.heads import GaussianEncoder, ScalarHeadModel
 
-STAGES = ("sft", "rm", "ppo", "oracle", "uml", "spg")
+STAGES = ("sft", "rm", "ppo", "oracle", "uml", "spg", "uml_spg")
 
 
 class Stage:
@@ -268,6 +268,40 @@ def _equivalence(name: str, data: TaskData):
     return key
 
 
+def _round(k: int) -> str:
+    """Name suffix of RLP round k: "" for the first, "_r2", "_r3", ... after."""
+    return "" if k == 1 else f"_r{k}"
+
+
+def _spg_stage(run: Run, data: TaskData, tokenizer, policy, ranker, samples, tag: str):
+    """Stage rm_spg<tag>: RLP-SPG's reward model from the SFT `policy` on D + synthetic pairs from
+    `samples` (y_w ranked by `ranker`). Returns (reward model, synthetic pairs, statistics)."""
+    cfg = run.cfg
+    with run.stage(f"rm_spg{tag}") as st:
+        synthetic, stats = [], None
+        if st.done:
+            rm = _reward_model(policy, run.device).eval()
+        else:
+            rm, synthetic, stats = rlp_spg(
+                policy,
+                ranker,
+                tokenizer,
+                data.preferences,
+                samples,
+                cfg.spg,
+                cfg.data,
+                equivalence=_equivalence(cfg.spg.equivalence, data),
+                **run.train_kwargs(st),
+            )
+            if data.gold is not None and synthetic:
+                g = [(data.gold(p.prompt, p.chosen), data.gold(p.prompt, p.rejected)) for p in synthetic]
+                stats["synthetic_pair_gold_acc"] = sum(w > lo for w, lo in g) / len(g)
+                stats["synthetic_pair_gold_ties"] = sum(w == lo for w, lo in g) / len(g)
+        rm.requires_grad_(False)
+        out = st.keep({"rm": rm}, {"stats": stats, "synthetic": synthetic}, rm, tokenizer)
+    return rm, out["synthetic"], out["stats"]
+
+
 def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, dict]:
     """Stages 1-6. Returns (policies, reward models, extra info) keyed by name. A resumed run loads
     the outputs of the stages it had finished and continues the one it was inside."""
@@ -303,7 +337,7 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
             return [data.gold(p, r) for p, r in zip(ps, rs)]
 
         policies["ppo_oracle"] = _ppo_stage(run, "ppo_oracle", policy, rm, tokenizer, prompts, gold_reward)
-    if not stages & {"uml", "spg"}:
+    if not stages & {"uml", "spg", "uml_spg"}:
         return policies, rms, info
     with run.stage("sample") as st:
         samples = None
@@ -328,30 +362,54 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
             rms["rm_uml"].requires_grad_(False)
             st.keep({"rm": rms["rm_uml"]}, export=rms["rm_uml"], tokenizer=tokenizer)
         policies["rlp_uml"] = _ppo_stage(run, "ppo_uml", policy, rms["rm_uml"], tokenizer, prompts)
-    if "spg" in stages:
-        with run.stage("rm_spg") as st:
-            stats = None
+    synthetic = []
+    if stages & {"spg", "uml_spg"}:
+        rms["rm_spg"], synthetic, info["spg"] = _spg_stage(run, data, tokenizer, policy, rm, samples, "")
+        policies["rlp_spg"] = _ppo_stage(run, "ppo_spg", policy, rms["rm_spg"], tokenizer, prompts)
+    if "uml_spg" in stages:
+        # both refinements at once: Bradley-Terry on D + the SPG pairs, + lam * L_M on P
+        with run.stage("rm_uml_spg") as st:
             if st.done:
-                rms["rm_spg"] = _reward_model(policy, run.device).eval()
+                rms["rm_uml_spg"] = _reward_model(policy, run.device, cfg.uml.latent_dim).eval()
             else:
-                rms["rm_spg"], synthetic, stats = rlp_spg(
+                rms["rm_uml_spg"] = rlp_uml(
                     policy,
-                    rm,
                     tokenizer,
-                    data.preferences,
+                    data.preferences + synthetic,
                     samples,
-                    cfg.spg,
+                    cfg.uml,
                     cfg.data,
-                    equivalence=_equivalence(cfg.spg.equivalence, data),
                     **run.train_kwargs(st),
                 )
-                if data.gold is not None and synthetic:
-                    g = [(data.gold(p.prompt, p.chosen), data.gold(p.prompt, p.rejected)) for p in synthetic]
-                    stats["synthetic_pair_gold_acc"] = sum(w > lo for w, lo in g) / len(g)
-                    stats["synthetic_pair_gold_ties"] = sum(w == lo for w, lo in g) / len(g)
-            rms["rm_spg"].requires_grad_(False)
-            info["spg"] = st.keep({"rm": rms["rm_spg"]}, {"stats": stats}, rms["rm_spg"], tokenizer)["stats"]
-        policies["rlp_spg"] = _ppo_stage(run, "ppo_spg", policy, rms["rm_spg"], tokenizer, prompts)
+            rms["rm_uml_spg"].requires_grad_(False)
+            st.keep({"rm": rms["rm_uml_spg"]}, export=rms["rm_uml_spg"], tokenizer=tokenizer)
+        policies["rlp_uml_spg"] = _ppo_stage(
+            run, "ppo_uml_spg", policy, rms["rm_uml_spg"], tokenizer, prompts
+        )
+    if "spg" in stages:
+        # rlp.rounds > 1: sample P again from the latest RLP-SPG policy and refine again (ranked by the
+        # latest refined RM), PPO again from SFT
+        for k in range(2, cfg.rlp.rounds + 1):
+            last, tag = f"rlp_spg{_round(k - 1)}", _round(k)
+            with run.stage(f"sample{tag}") as st:
+                fresh = None
+                if not st.done:
+                    fresh = sample_policy(
+                        policies[last],
+                        tokenizer,
+                        prompts[: cfg.sample.num_prompts],
+                        cfg.sample,
+                        cfg.data,
+                        run.throughput,
+                    )
+                fresh = st.keep({}, {"samples": fresh})["samples"]
+            ranker = rms[f"rm_spg{_round(k - 1)}"]
+            rms[f"rm_spg{tag}"], _, info[f"spg{tag}"] = _spg_stage(
+                run, data, tokenizer, policy, ranker, fresh, tag
+            )
+            policies[f"rlp_spg{tag}"] = _ppo_stage(
+                run, f"ppo_spg{tag}", policy, rms[f"rm_spg{tag}"], tokenizer, prompts
+            )
     return policies, rms, info
 
 
@@ -371,8 +429,11 @@ def preference_sets(run: Run, data: TaskData, tokenizer, policy):
     prefs = heldout = None
     if data.pref_prompts:
         groups = _sample_pairs(run, policy, tokenizer, data.pref_prompts, 2)
-        prefs = label_pairs(data.task, data.pref_prompts, [tuple(g) for g in groups], cfg.data.label_noise, cfg.run.seed)
-        run.say(f"D: {len(prefs)} labelled pairs of SFT samples ({len(data.pref_prompts) - len(prefs)} identical dropped)")
+        prefs = label_pairs(
+            data.task, data.pref_prompts, [tuple(g) for g in groups], cfg.data.label_noise, cfg.run.seed
+        )
+        dropped = len(data.pref_prompts) - len(prefs)
+        run.say(f"D: {len(prefs)} labelled pairs of SFT samples ({dropped} identical dropped)")
         if not prefs:
             raise ConfigError("data.num_pref: every pair of SFT samples was identical; D is empty")
     if data.gold is not None:
@@ -389,6 +450,7 @@ def preference_sets(run: Run, data: TaskData, tokenizer, policy):
 
 # Which reward model each policy was optimised against (its "proxy reward").
 PROXY_OF = {"sft": "rm", "ppo": "rm", "ppo_oracle": "rm", "rlp_uml": "rm_uml", "rlp_spg": "rm_spg"}
+PROXY_OF.update({"rlp_uml_spg": "rm_uml_spg", **{f"rlp_spg_r{k}": f"rm_spg_r{k}" for k in range(2, 10)}})
 
 
 def _reference(data: TaskData, prompts: list[str], n: int, noise: float, seed: int):
