@@ -119,7 +119,7 @@ def test_uml_loss_reaches_encoder_and_backbone(tiny):
     samples = PolicySamples(["1+1=", "2+2=", "3+3="], [["2", "3"], ["4", "5"], ["6", "7"]])
     loss, metrics = ib_loss_fn(rm, MultiViewData(tok, samples, cfg.data), 3, beta=1.0, lam=0.5, seed=0)(0, rm)
     loss.backward()
-    assert torch.isfinite(loss) and set(metrics) == {"ib_loss", "mi", "skl"}
+    assert torch.isfinite(loss) and set(metrics) == {"ib_loss", "mi", "skl", "ib_beta", "mu_std", "mu_norm"}
     assert rm.encoder.mu[0].weight.grad.abs().sum() > 0
     assert next(rm.backbone.parameters()).grad is not None
 

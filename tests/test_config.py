@@ -18,7 +18,7 @@ def test_default_preset_has_alpacafarm_ppo_and_rlp_defaults():
         0.0,
     )
     assert (p.temperature, cfg.eval.temperature) == (1.0, 0.7)
-    assert (cfg.uml.lam, cfg.uml.beta, cfg.sample.n, cfg.spg.gamma) == (0.5, 1.0, 10, 0.5)
+    assert (cfg.uml.lam, cfg.uml.beta, cfg.sample.n, cfg.spg.gamma) == (0.5, 0.01, 10, 0.5)
 
 
 def test_yaml_file_then_overrides(tmp_path):

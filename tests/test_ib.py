@@ -1,5 +1,7 @@
 """Information-bottleneck pieces (RLP-UML): symmetric Gaussian KL on every backend against the
-float64 closed form, the JSD mutual-information bound on hand-worked values, the multi-view loss."""
+float64 closed form, the JSD mutual-information bound on hand-worked values, the multi-view loss
+(roll-one negatives against its composition, in-batch all-pairs negatives against a float64
+pair-by-pair reference, forward and every gradient)."""
 
 import math
 
@@ -7,6 +9,7 @@ import pytest
 import torch
 from conftest import device_for
 
+from rlp_engine.models.heads import GaussianEncoder
 from rlp_engine.ops import backend, gaussian_symmetric_kl, jsd_mi_lower_bound, multiview_ib_loss
 
 
@@ -155,7 +158,14 @@ def test_multiview_loss_matches_composition(backend_name):
     critic = _BilinearCritic(5).to(dev)
     with backend(backend_name):
         loss, metrics = multiview_ib_loss(
-            mu1, lv1, mu2, lv2, critic, beta=0.5, generator=torch.Generator(dev).manual_seed(7)
+            mu1,
+            lv1,
+            mu2,
+            lv2,
+            critic,
+            beta=0.5,
+            generator=torch.Generator(dev).manual_seed(7),
+            negatives="roll",
         )
     gen = torch.Generator(dev).manual_seed(7)
     eps1, eps2 = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)
@@ -171,6 +181,83 @@ def test_multiview_loss_matches_composition(backend_name):
     loss.backward()
     for t in (mu1, lv1, mu2, lv2, critic.w):
         assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+
+
+def _all_pairs_reference(inputs, critic_params, critic_fn, eps, beta):
+    """L_M with every off-diagonal pair a negative, pair by pair in float64: (loss, mi, skl, grads of
+    the four inputs and of the critic's parameters)."""
+    xs = [t.detach().double().requires_grad_() for t in inputs]
+    ps = [p.detach().double().requires_grad_() for p in critic_params]
+    mu1, lv1, mu2, lv2 = xs
+    z1, z2 = mu1 + (0.5 * lv1).exp() * eps[0].double(), mu2 + (0.5 * lv2).exp() * eps[1].double()
+    n = mu1.shape[0]
+    sp = torch.nn.functional.softplus
+    pos = [-sp(-critic_fn(ps, z1[i], z2[i])) for i in range(n)]
+    neg = [sp(critic_fn(ps, z1[i], z2[j])) for i in range(n) for j in range(n) if j != i]
+    assert len(neg) == n * (n - 1)
+    mi = torch.stack(pos).mean() - torch.stack(neg).mean()
+    skl = _closed_form(*xs).mean()
+    loss = -mi + beta * skl
+    grads = torch.autograd.grad(loss, xs + ps)
+    return loss.detach(), mi.detach(), skl.detach(), grads
+
+
+def _separable_critic(dim, dev):
+    """GaussianEncoder's critic (a matrix in one call) and its float64 pairwise form."""
+    enc = GaussianEncoder(3, dim).to(dev)
+    torch.nn.init.normal_(enc.proj.weight, std=0.8)  # scores well away from 0
+    params = [enc.proj.weight, enc.proj.bias]
+
+    def pairwise(ps, a, b):
+        w, bias = ps
+        return ((w @ a + bias) * (w @ b + bias)).sum() * dim**-0.5
+
+    return enc.critic, {"critic_matrix": enc.critic_matrix}, params, pairwise
+
+
+def _bilinear_critic(dim, dev):
+    """A critic with no matrix form: the op calls it on the N^2 pairs."""
+    critic = _BilinearCritic(dim).to(dev)
+    return critic, {}, [critic.w], lambda ps, a, b: (a @ ps[0]) @ b
+
+
+@pytest.mark.parametrize("n", [2, 5, 7])
+@pytest.mark.parametrize("make_critic", [_separable_critic, _bilinear_critic], ids=["matrix", "pairs"])
+def test_multiview_all_pairs_matches_float64_reference(backend_name, n, make_critic):
+    dev = device_for(backend_name)
+    inputs = [t.requires_grad_() for t in _gaussians((n, 6), dev)]
+    critic, kw, params, pairwise = make_critic(6, dev)
+    with backend(backend_name):
+        loss, metrics = multiview_ib_loss(
+            *inputs, critic, beta=0.3, generator=torch.Generator(dev).manual_seed(11), **kw
+        )
+    loss.backward()
+    gen = torch.Generator(dev).manual_seed(11)  # the op draws eps1 then eps2 from its generator
+    eps = [torch.randn(n, 6, generator=gen, device=dev) for _ in range(2)]
+    ref_loss, ref_mi, ref_skl, ref_grads = _all_pairs_reference(inputs, params, pairwise, eps, 0.3)
+    assert loss.dtype == metrics["mi"].dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(metrics["mi"].double(), ref_mi, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(metrics["skl"].double(), ref_skl, atol=1e-5, rtol=1e-5)
+    assert ref_mi > -50  # the critic's scores are O(1): softplus is not in its linear tail
+    for got, want in zip([t.grad for t in inputs + params], ref_grads):
+        assert got.dtype == torch.float32 and want.abs().sum() > 0
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_multiview_all_pairs_default_and_matrix_equal_pairwise_calls():
+    # "all" is the default; a critic_matrix gives the same numbers as N^2 calls of the pair critic.
+    inputs = _gaussians((5, 4), "cpu")
+    enc = GaussianEncoder(3, 4)
+    a = multiview_ib_loss(*inputs, enc.critic, generator=torch.Generator().manual_seed(2))[1]["mi"]
+    b = multiview_ib_loss(
+        *inputs, enc.critic, generator=torch.Generator().manual_seed(2), critic_matrix=enc.critic_matrix
+    )[1]["mi"]
+    c = multiview_ib_loss(*inputs, enc.critic, generator=torch.Generator().manual_seed(2), negatives="roll")[
+        1
+    ]
+    torch.testing.assert_close(a, b)
+    assert (a - c["mi"]).abs() > 1e-4  # roll-one is a different estimate
 
 
 def test_multiview_loss_decreases_as_views_agree():
@@ -195,9 +282,17 @@ def test_multiview_errors():
         multiview_ib_loss(mu1[:1], lv1[:1], mu2[:1], lv2[:1], critic)
     with pytest.raises(TypeError, match="critic must be callable"):
         multiview_ib_loss(mu1, lv1, mu2, lv2, critic=3)
-    with pytest.raises(ValueError, match="critic must return 4 scores"):
-        multiview_ib_loss(mu1, lv1, mu2, lv2, critic=lambda z1, z2: z1 * z2)
+    with pytest.raises(ValueError, match="critic must return 4 scores for the positive pairs"):
+        multiview_ib_loss(mu1, lv1, mu2, lv2, critic=lambda z1, z2: z1 * z2, negatives="roll")
     with pytest.raises(ValueError, match=r"mu2 has shape \(4, 2\) but mu1 has shape \(4, 3\)"):
         multiview_ib_loss(mu1, lv1, mu2[:, :2], lv2, critic)
     with pytest.raises(ValueError, match=r"mu1 must be \[N, D\]"):
         multiview_ib_loss(mu1[None], lv1[None], mu2[None], lv2[None], critic)
+    with pytest.raises(ValueError, match=r"unknown negatives 'next'; expected one of \('all', 'roll'\)"):
+        multiview_ib_loss(mu1, lv1, mu2, lv2, critic, negatives="next")
+    with pytest.raises(ValueError, match=r"critic must return 16 scores for the 4 x 4 pairs, got \(\)"):
+        multiview_ib_loss(mu1, lv1, mu2, lv2, critic=lambda z1, z2: (z1 * z2).sum())
+    with pytest.raises(ValueError, match=r"critic_matrix must return a \(4, 4\) score matrix, got \(4,\)"):
+        multiview_ib_loss(mu1, lv1, mu2, lv2, critic, critic_matrix=critic)
+    with pytest.raises(TypeError, match="critic_matrix must be callable"):
+        multiview_ib_loss(mu1, lv1, mu2, lv2, critic, critic_matrix=torch.ones(4, 4))

@@ -176,27 +176,132 @@ class MultiViewData:
     def __len__(self) -> int:
         return len(self.view1)
 
+    def split(self, heldout_frac: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train, held-out) pair indices, sorted int64: a seeded random heldout_frac of the prompts
+        (rounded, at least 2 when heldout_frac > 0, so the MI bound has a negative) is held out;
+        none when that would leave fewer than 2 to train on."""
+        if not 0.0 <= heldout_frac < 1.0:
+            raise ValueError(f"MultiViewData.split: heldout_frac must be in [0, 1), got {heldout_frac}")
+        n = len(self)
+        k = max(2, round(heldout_frac * n)) if heldout_frac > 0 else 0
+        if n - k < 2:
+            k = 0
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        return perm[k:].sort().values, perm[:k].sort().values
+
+
+def encoder_spread(mu: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How much the encoder's means vary across inputs, mu [N, D] -> detached 0-dim tensors:
+    mu_std (the std over rows, unbiased, averaged over the D dims) and mu_norm (mean |mu| entry, the
+    same per-dim scale). mu_std << mu_norm: the means are near-constant (a collapsed bottleneck)."""
+    mu = mu.detach().float()
+    return {"mu_std": mu.std(0).mean(), "mu_norm": mu.abs().mean()}
+
+
+def beta_at(step: int, beta: float, warmup_steps: int) -> float:
+    """The SKL weight at `step`: linear from 0 (step 0) to beta at warmup_steps, then beta."""
+    return beta if warmup_steps <= 0 else beta * min(1.0, step / warmup_steps)
+
+
+def _encode_views(rm, views: MultiViewData, idx, device):
+    b1, b2 = views.view1.batch(idx).to(device), views.view2.batch(idx).to(device)
+    mu1, logvar1 = rm.encoder(rm.final_hidden(b1.input_ids, b1.attention_mask))
+    mu2, logvar2 = rm.encoder(rm.final_hidden(b2.input_ids, b2.attention_mask))
+    return mu1, logvar1, mu2, logvar2
+
 
 def ib_loss_fn(
-    rm: ScalarHeadModel, views: MultiViewData, batch_size: int, beta: float, lam: float, seed: int
+    rm: ScalarHeadModel,
+    views: MultiViewData,
+    batch_size: int,
+    beta: float,
+    lam: float,
+    seed: int,
+    *,
+    beta_warmup_steps: int = 0,
+    negatives: str = "all",
+    idx: torch.Tensor | None = None,
 ):
-    """extra_loss(step) for `train_reward_model`: lam * multiview_ib_loss on a random batch of views."""
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.Generator().manual_seed(seed + 1)
+    """extra_loss(step) for `train_reward_model`: lam * multiview_ib_loss on a batch of views drawn
+    without replacement (a repeated prompt would be a false negative) from `idx` (default: every
+    pair), beta warmed up linearly over beta_warmup_steps. Metrics: ib_loss, mi, skl, the encoder
+    spread mu_std and mu_norm (encoder_spread over both views' means) and the step's ib_beta."""
+    pool = torch.arange(len(views)) if idx is None else torch.as_tensor(idx, dtype=torch.long)
+    if len(pool) < 2:
+        raise ValueError(f"ib_loss_fn: needs at least 2 view pairs to train on, got {len(pool)}")
     device = next(rm.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.Generator(device).manual_seed(seed + 1)  # on the latents' device (torch.randn needs it)
 
     def extra_loss(step: int, rm: ScalarHeadModel):  # rm: the module being trained (sharded or not)
-        idx = shard(torch.randint(len(views), (min(batch_size, len(views)),), generator=gen))
-        b1, b2 = views.view1.batch(idx).to(device), views.view2.batch(idx).to(device)
-        mu1, logvar1 = rm.encoder(rm.final_hidden(b1.input_ids, b1.attention_mask))
-        mu2, logvar2 = rm.encoder(rm.final_hidden(b2.input_ids, b2.attention_mask))
+        pick = torch.randperm(len(pool), generator=gen)[: min(batch_size, len(pool))]
+        mu1, logvar1, mu2, logvar2 = _encode_views(rm, views, shard(pool[pick]), device)
+        b = beta_at(step, beta, beta_warmup_steps)
         loss, m = ops.multiview_ib_loss(
-            mu1, logvar1, mu2, logvar2, rm.encoder.critic, beta=beta, generator=noise
+            mu1,
+            logvar1,
+            mu2,
+            logvar2,
+            rm.encoder.critic,
+            beta=b,
+            generator=noise,
+            negatives=negatives,
+            critic_matrix=rm.encoder.critic_matrix,
         )
-        return lam * loss, {"ib_loss": loss.detach(), "mi": m["mi"], "skl": m["skl"]}
+        metrics = {"ib_loss": loss.detach(), "mi": m["mi"], "skl": m["skl"], "ib_beta": b}
+        return lam * loss, {**metrics, **encoder_spread(torch.cat([mu1, mu2]))}
 
     extra_loss.generators = (gen, noise)  # state the training loop checkpoints
     return extra_loss
+
+
+@torch.no_grad()
+def uml_diagnostics(
+    rm: ScalarHeadModel,
+    views: MultiViewData,
+    idx,
+    *,
+    negatives: str = "all",
+    seed: int = 0,
+    draws: int = 8,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """The information bottleneck of a trained `rm` on the view pairs `idx` (held out: pairs it never
+    trained on): {"mi": the JSD bound over all of them at once (N(N-1) negatives with "all"), "skl",
+    "mu_std", "mu_norm", "pairs"} as floats; mi is the mean over `draws` draws of the latents' noise
+    (from a generator seeded with `seed`). A collapsed term reads mi = -2 ln 2 = -1.386 (an
+    uninformative critic) and mu_std << mu_norm. Eval mode, no gradients."""
+    idx = [int(i) for i in idx]
+    if len(idx) < 2:
+        raise ValueError(f"uml_diagnostics: needs at least 2 view pairs, got {len(idx)}")
+    was_training = rm.training
+    rm.eval()
+    device = next(rm.parameters()).device
+    parts = [
+        _encode_views(rm, views, idx[i : i + batch_size], device) for i in range(0, len(idx), batch_size)
+    ]
+    mu1, logvar1, mu2, logvar2 = (torch.cat(t) for t in zip(*parts))
+    noise = torch.Generator(device).manual_seed(seed)
+    # the bound averaged over `draws` noise draws: a single draw is noisy on a few dozen pairs
+    mis = []
+    for _ in range(draws):
+        _, m = ops.multiview_ib_loss(
+            mu1,
+            logvar1,
+            mu2,
+            logvar2,
+            rm.encoder.critic,
+            beta=0.0,
+            generator=noise,
+            negatives=negatives,
+            critic_matrix=rm.encoder.critic_matrix,
+        )
+        mis.append(m["mi"])
+    mi = torch.stack(mis).mean()
+    skl = ops.gaussian_symmetric_kl(mu1, logvar1, mu2, logvar2).mean()
+    rm.train(was_training)
+    spread = encoder_spread(torch.cat([mu1, mu2]))
+    return {"mi": float(mi), "skl": float(skl), **{k: float(v) for k, v in spread.items()}, "pairs": len(idx)}
 
 
 def rlp_uml(
@@ -209,12 +314,29 @@ def rlp_uml(
     **train_kwargs,
 ) -> ScalarHeadModel:
     """RLP-UML: Bradley-Terry on D + cfg.lam * L_M on P, from `init` (SFT causal LM or a reward model),
-    with fresh Gaussian encoder heads (cfg: UMLConfig). Returns the refined reward model."""
+    with fresh Gaussian encoder heads (cfg: UMLConfig). L_M trains on the view pairs of all but a
+    seeded cfg.heldout_frac of P's prompts; the returned reward model carries `uml_diagnostics`
+    (`uml_diagnostics` on the held-out pairs after training; {} when none are held out)."""
     rm = _fresh_reward_model(init)
     hidden = rm.head.in_features
     rm.encoder = GaussianEncoder(hidden, cfg.latent_dim).to(next(rm.parameters()).device)
     seed = train_kwargs.get("seed", 0)
     views = MultiViewData(tokenizer, samples, data_cfg, seed=seed)
-    extra = ib_loss_fn(rm, views, cfg.ib_batch_size, cfg.beta, cfg.lam, seed)
+    train_idx, held_idx = views.split(cfg.heldout_frac, seed=seed)
+    extra = ib_loss_fn(
+        rm,
+        views,
+        cfg.ib_batch_size,
+        cfg.beta,
+        cfg.lam,
+        seed,
+        beta_warmup_steps=cfg.beta_warmup_steps,
+        negatives=cfg.negatives,
+        idx=train_idx,
+    )
     train_reward_model(rm, tokenizer, pairs, cfg, data_cfg, extra_loss=extra, **train_kwargs)
-    return rm.eval()
+    rm.eval()
+    rm.uml_diagnostics = (
+        uml_diagnostics(rm, views, held_idx, negatives=cfg.negatives, seed=seed) if len(held_idx) else {}
+    )
+    return rm

@@ -118,7 +118,8 @@ class GaussianEncoder(nn.Module):
     """RLP-UML's stochastic encoder and MI critic.
 
     mu, logvar: two small MLPs on the reward model's final hidden state, giving N(mu, sigma^2) [N, D].
-    critic(z1, z2): a separable critic T = <g(z1), g(z2)> / sqrt(D) scoring a pair of views [N].
+    critic(z1, z2): a separable critic T = <g(z1), g(z2)> / sqrt(D) scoring pairs of views [N], or
+    every pair at once [N, M] (critic_matrix: one matmul, the all-pairs negatives of L_M).
     """
 
     def __init__(self, hidden_size: int, latent_dim: int):
@@ -138,6 +139,15 @@ class GaussianEncoder(nn.Module):
         h = h.float()
         return self.mu(h), self.logvar(h).clamp(-8.0, 8.0)
 
-    def critic(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        """Scores [N] of pairs of latents z1, z2 [N, D]."""
-        return (self.proj(z1) * self.proj(z2)).sum(-1) * self.scale
+    def critic(self, z1: torch.Tensor, z2: torch.Tensor, all_pairs: bool = False) -> torch.Tensor:
+        """Scores of latents z1 [N, D], z2 [M, D]: [N] for the row-aligned pairs (M = N), or with
+        all_pairs the [N, M] matrix of every pair, one matmul g(z1) @ g(z2).T (the `critic_matrix` of
+        ops.multiview_ib_loss). One method for both: FSDP2 registers it as a forward method."""
+        g1, g2 = self.proj(z1), self.proj(z2)
+        if all_pairs:
+            return (g1 @ g2.T) * self.scale
+        return (g1 * g2).sum(-1) * self.scale
+
+    def critic_matrix(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        """[N, M] scores of every pair (z1[i], z2[j]); goes through `critic` (see there)."""
+        return self.critic(z1, z2, all_pairs=True)

@@ -74,6 +74,23 @@ def _critic_scores(op: str, critic, z1: torch.Tensor, z2: torch.Tensor, what: st
     return scores.reshape(-1)
 
 
+def _critic_matrix(op: str, critic, critic_matrix, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """S [N, N] with S[i, j] = T(z1[i], z2[j]): one `critic_matrix` call, or else one `critic` call
+    on the N^2 pairs laid out row-major (any pairwise critic; N^2 x D memory)."""
+    n = z1.shape[0]
+    if critic_matrix is None:
+        scores = _critic_scores(op, critic, z1.repeat_interleave(n, 0), z2.repeat(n, 1), f"{n} x {n}")
+        return scores.view(n, n)
+    scores = critic_matrix(z1, z2)
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (n, n):
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"{op}: critic_matrix must return a ({n}, {n}) score matrix, got {shape}")
+    return scores
+
+
+NEGATIVES = ("all", "roll")
+
+
 def multiview_ib_loss(
     mu1: torch.Tensor,
     logvar1: torch.Tensor,
@@ -82,14 +99,24 @@ def multiview_ib_loss(
     critic,
     beta: float = 1.0,
     generator: torch.Generator | None = None,
+    *,
+    negatives: str = "all",
+    critic_matrix=None,
 ):
     """RLP-UML's multi-view information-bottleneck loss L_M = -I_JSD(z1; z2) + beta * mean(SKL).
 
     mu*, logvar* [N, D] (N >= 2): the two views' diagonal-Gaussian posteriors. z_i = mu_i +
     exp(logvar_i / 2) * eps_i with eps ~ N(0, I) drawn from `generator` (reparameterised, so the
-    loss is differentiable in all four). `critic(z1, z2)` -> [N] scores; positives pair row n with
-    row n, negatives pair z1[n] with z2[n - 1] (a roll by one). Returns (loss, metrics) with
-    metrics {"mi": I_JSD, "skl": mean SKL} as detached 0-dim fp32 tensors (no host sync).
+    loss is differentiable in all four). `critic(z1, z2)` -> [N] scores of row-aligned pairs.
+    Positives pair row n of z1 with row n of z2. Negatives:
+      "all" (default): z1[i] against every z2[j], j != i: N(N-1) negatives, the critic evaluated as
+        an [N, N] matrix S[i, j] = T(z1[i], z2[j]) (positives on the diagonal). `critic_matrix(z1,
+        z2) -> [N, N]` computes it in one call (a separable critic: g(z1) @ g(z2).T); without it,
+        `critic` is called once on the N^2 pairs (z1.repeat_interleave(N), z2.repeat(N)).
+      "roll": z1[n] against z2[n - 1] (one negative per sample; the op's original behaviour).
+    Both keep the JSD bound: mean over positives of -softplus(-T) minus mean over negatives of
+    softplus(T). Returns (loss, metrics) with metrics {"mi": I_JSD, "skl": mean SKL} as detached
+    0-dim fp32 tensors (no host sync).
     """
     op = "multiview_ib_loss"
     _check_gaussians(op, mu1, logvar1, mu2, logvar2)
@@ -99,12 +126,21 @@ def multiview_ib_loss(
         raise ValueError(f"{op}: needs N >= 2 samples to form negatives, got N = {mu1.shape[0]}")
     if not callable(critic):
         raise TypeError(f"{op}: critic must be callable, got {type(critic).__name__}")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"{op}: unknown negatives {negatives!r}; expected one of {NEGATIVES}")
+    if critic_matrix is not None and not callable(critic_matrix):
+        raise TypeError(f"{op}: critic_matrix must be callable, got {type(critic_matrix).__name__}")
     eps1 = torch.randn(mu1.shape, generator=generator, dtype=mu1.dtype, device=mu1.device)
     eps2 = torch.randn(mu2.shape, generator=generator, dtype=mu2.dtype, device=mu2.device)
     z1 = mu1 + torch.exp(0.5 * logvar1) * eps1
     z2 = mu2 + torch.exp(0.5 * logvar2) * eps2
-    pos = _critic_scores(op, critic, z1, z2, "positive")
-    neg = _critic_scores(op, critic, z1, torch.roll(z2, 1, dims=0), "negative")
+    if negatives == "roll":
+        pos = _critic_scores(op, critic, z1, z2, "positive")
+        neg = _critic_scores(op, critic, z1, torch.roll(z2, 1, dims=0), "negative")
+    else:
+        scores = _critic_matrix(op, critic, critic_matrix, z1, z2)  # [N, N]
+        eye = torch.eye(z1.shape[0], dtype=torch.bool, device=scores.device)
+        pos, neg = scores.diagonal(), scores[~eye]
     mi = jsd_mi_lower_bound(pos, neg)
     skl = gaussian_symmetric_kl(mu1, logvar1, mu2, logvar2).mean()
     loss = -mi + beta * skl
