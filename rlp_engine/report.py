@@ -176,13 +176,25 @@ def render_markdown(report: dict) -> str:
     if report.get("policies") and report.get("reward_models"):
         lines += ["", "Reward of each policy's samples under every reward model:", ""] + _proxy_table(report)
         lines += ["", "## Reward models", ""] + _rm_table(report)
-    if "spg" in report:
-        s = report["spg"]
+    for key in [k for k in report if k == "spg" or k.startswith("spg_r")]:
+        s = report[key] or {}
+        if not s:
+            continue
         lines += [
             "",
-            f"RLP-SPG: {s['pairs']} synthetic pairs, {_fmt(s['kept'])} of prompts kept, "
-            f"mean confidence {_fmt(s['confidence'])}, gold accuracy of the synthetic pairs "
-            f"{_fmt(s.get('synthetic_pair_gold_acc'))}.",
+            f"{policy_name('rlp_' + key)}: {s['pairs']} synthetic pairs, {_fmt(s['kept'])} of prompts "
+            f"kept, mean confidence {_fmt(s['confidence'])}, gold accuracy of the synthetic pairs "
+            f"{_fmt(s.get('synthetic_pair_gold_acc'))} "
+            f"(gold ties {_fmt(s.get('synthetic_pair_gold_ties'))}).",
+        ]
+    if report.get("uml"):
+        u = report["uml"]
+        lines += [
+            "",
+            f"RLP-UML information bottleneck on {u['pairs']} held-out view pairs: MI estimate "
+            f"{_fmt(u['mi'])} (an uninformative critic gives -2 ln 2 = -1.386), "
+            f"symmetric KL {_fmt(u['skl'])}, "
+            f"encoder means' spread across inputs {_fmt(u['mu_std'])} (mean size {_fmt(u['mu_norm'])}).",
         ]
     if "stage_seconds" in report:
         lines += ["", "## Time", "", "| stage | seconds |", "|---|---|"]

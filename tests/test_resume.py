@@ -77,7 +77,7 @@ def baseline(tmp_path_factory):
 
 def _assert_same(out: Path, baseline) -> None:
     got, want = _outcome(out), baseline[1]
-    assert got["weights"] == want["weights"] and len(got["weights"]) == 10  # 7 models, 3 with a head file
+    assert got["weights"] == want["weights"] and len(got["weights"]) == 17  # 12 models, 5 with a head file
     assert got["metrics"] == want["metrics"]
     assert got["report"] == want["report"]
     resume = out / "resume"
@@ -133,7 +133,7 @@ def test_resume_refusals_name_the_reason(baseline, tmp_path, capsys):
     # a resumed run may not change what it computes
     assert main(["train", "--output-dir", str(out), "--resume", "sft.lr=0.5", "ppo.kl_coef=0.5"]) == 2
     err = capsys.readouterr().err
-    assert "sft.lr: 0.003 -> 0.5" in err and "ppo.kl_coef: 0.0067 -> 0.5" in err
+    assert "sft.lr: 0.003 -> 0.5" in err and "ppo.kl_coef: 0.15 -> 0.5" in err
     assert (out / "report.json").read_bytes() == (baseline[0] / "report.json").read_bytes()
 
 

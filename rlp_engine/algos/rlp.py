@@ -63,6 +63,7 @@ def exact_key(response: str, index: int) -> Hashable:
 
 EQUIVALENCES: dict[str, Callable[[str, int], Hashable]] = {
     "final_answer": final_answer_key,
+    "answer": final_answer_key,  # the leading integer; the pipeline passes the task's own answer() key
     "exact": exact_key,
 }
 
@@ -135,18 +136,20 @@ def rlp_spg(
     samples: PolicySamples,
     cfg,
     data_cfg,
+    equivalence: str | Callable[[str, int], Hashable] | None = None,
     **train_kwargs,
 ) -> tuple[ScalarHeadModel, list[Preference], dict[str, float]]:
     """RLP-SPG: synthetic pairs from P (y_w ranked by `current_rm`), then Bradley-Terry on D + them,
     starting from `init` (the SFT causal LM for a retrain, or a reward model to fine-tune).
-    cfg: SPGConfig. Returns (refined reward model, synthetic pairs, statistics)."""
+    cfg: SPGConfig; `equivalence` (a name or a key function) overrides cfg.equivalence.
+    Returns (refined reward model, synthetic pairs, statistics)."""
     flat_p = [p for p, rs in zip(samples.prompts, samples.responses) for _ in rs]
     flat_r = [r for rs in samples.responses for r in rs]
     scores = score_texts(current_rm, tokenizer, flat_p, flat_r, data_cfg).tolist()
     n = len(samples.responses[0]) if samples.responses else 0
     rewards = [scores[i * n : (i + 1) * n] for i in range(len(samples.prompts))]
     synthetic, stats = synthetic_preferences(
-        samples, rewards, cfg.gamma, cfg.equivalence, train_kwargs.get("seed", 0)
+        samples, rewards, cfg.gamma, equivalence or cfg.equivalence, train_kwargs.get("seed", 0)
     )
     rm = _fresh_reward_model(init)
     train_reward_model(rm, tokenizer, pairs + synthetic, cfg, data_cfg, **train_kwargs)

@@ -360,7 +360,12 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
                     policy, tokenizer, data.preferences, samples, cfg.uml, cfg.data, **run.train_kwargs(st)
                 )
             rms["rm_uml"].requires_grad_(False)
-            st.keep({"rm": rms["rm_uml"]}, export=rms["rm_uml"], tokenizer=tokenizer)
+            # the information-bottleneck term on held-out view pairs: MI above -2 ln 2 = -1.386 and
+            # mu_std not tiny against mu_norm mean it carries information (it collapsed at beta 1)
+            diag = getattr(rms["rm_uml"], "uml_diagnostics", None)
+            info["uml"] = st.keep({"rm": rms["rm_uml"]}, {"heldout": diag}, rms["rm_uml"], tokenizer)[
+                "heldout"
+            ]
         policies["rlp_uml"] = _ppo_stage(run, "ppo_uml", policy, rms["rm_uml"], tokenizer, prompts)
     synthetic = []
     if stages & {"spg", "uml_spg"}:
