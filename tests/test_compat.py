@@ -1,5 +1,6 @@
-"""The drop-in modules against eager float64 computations written from verl's / TRL's / OpenRLHF's
-documented math (their code is not imported), on fresh random inputs with masked holes."""
+"""The drop-in modules against eager float64 computations written from verl 0.9.1's / TRL's /
+OpenRLHF's math (their code is not imported here: tests/test_compat_{verl,trl,openrlhf}.py compare
+with the installed packages themselves), on fresh random inputs with masked holes."""
 
 from types import SimpleNamespace
 
@@ -21,18 +22,23 @@ def _batch(B=5, T=23, dtype=torch.float32):
 
 
 def _agg64(L, m, mode, dp_size=1, n_tokens=None, n_seqs=None, scale=None):
+    """verl 0.9.1's agg_loss: the seq-mean modes divide by the (global) non-empty sequence count,
+    seq-mean-token-sum-norm then also by loss_scale_factor (default T); token-sum scales by dp_size."""
     L, m = L.double(), m.double()
     seq_sum = (L * m).sum(-1)
     row = m.sum(-1)
     nonempty = (row > 0).double()
+    n_seqs = nonempty.sum() if n_seqs is None else n_seqs
     if mode == "token-mean":
         return (L * m).sum() / (m.sum() if n_tokens is None else n_tokens) * dp_size
+    if mode == "token-sum":
+        return (L * m).sum() * dp_size
     if mode == "seq-mean-token-sum":
-        return (seq_sum * nonempty).sum() / (nonempty.sum() if n_seqs is None else n_seqs) * dp_size
+        return (seq_sum * nonempty).sum() / n_seqs * dp_size
     if mode == "seq-mean-token-mean":
         per_seq = seq_sum / (row + 1e-8)
-        return (per_seq * nonempty).sum() / (nonempty.sum() if n_seqs is None else n_seqs) * dp_size
-    return seq_sum.sum() / (m.shape[-1] if scale is None else scale)
+        return (per_seq * nonempty).sum() / n_seqs * dp_size
+    return (seq_sum * nonempty).sum() / n_seqs * dp_size / (m.shape[-1] if scale is None else scale)
 
 
 def _policy64(lp, old, adv, m, clip_low, clip_high, c, mode):
@@ -95,15 +101,17 @@ def test_verl_agg_loss(mode):
     L = torch.randn(6, 11)
     mask = (torch.rand(6, 11) > 0.3).float()
     L[mask == 0] = float("nan")  # never leaks
-    got = verl.agg_loss(L, mask, mode, dp_size=2, loss_scale_factor=7 if mode.endswith("norm") else None)
-    L0 = torch.nan_to_num(L)
-    if mode == "token-sum":
-        ref = (L0.double() * mask).sum()
-    else:
-        ref = _agg64(L0, mask, mode, dp_size=2, scale=7 if mode.endswith("norm") else None)
+    scale = 7 if mode.endswith("norm") else None
+    got = verl.agg_loss(
+        L, mask, mode, dp_size=2, batch_num_tokens=53, global_batch_size=9, loss_scale_factor=scale
+    )
+    ref = _agg64(torch.nan_to_num(L), mask, mode, dp_size=2, n_tokens=53, n_seqs=9, scale=scale)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="Invalid loss_agg_mode"):
         verl.agg_loss(L, mask, "mean")
+    if mode != "token-sum":  # verl 0.9.1: the global normaliser is required when dp_size > 1
+        with pytest.raises(ValueError, match="is required when dp_size > 1"):
+            verl.agg_loss(L, mask, mode, dp_size=2)
 
 
 def test_verl_value_loss():
@@ -223,10 +231,13 @@ def test_openrlhf_helpers():
     r = lp.double() - base.double()
     for est, expected in [("k1", r), ("k2", r**2 / 2), ("k3", (-r).exp() - 1 + r)]:
         torch.testing.assert_close(
-            orl.compute_approx_kl(lp, base, est).double(), expected.clamp(-10, 10), rtol=1e-5, atol=1e-5
+            orl.compute_approx_kl(lp, base, kl_estimator=est).double(),
+            expected.clamp(-10, 10),
+            rtol=1e-5,
+            atol=1e-5,
         )
     with pytest.raises(ValueError, match="Unknown kl_estimator"):
-        orl.compute_approx_kl(lp, base, "k4")
+        orl.compute_approx_kl(lp, base, kl_estimator="k4")
     rew, val = torch.randn(3, 9), torch.randn(3, 9)
     mask = torch.ones(3, 9)
     mask[1, 6:] = 0
