@@ -15,3 +15,13 @@ fi
 export DS_BUILD_OPS=${DS_BUILD_OPS:-0}
 extras=${RLP_EXTRAS:-dev,train,deepspeed}
 .venv/bin/python -m pip install -q --no-build-isolation -e ".[${extras}]"
+# The real verl, TRL and OpenRLHF that rlp_engine.compat mimics, for tests/test_compat_*.py (~3 s,
+# ~30 MB). --no-deps: their dependency lists pull ray, datasets/pyarrow, flash-attn, vllm-era
+# transformers and deepspeed pins, none of which their loss modules use; the tests load those modules
+# with stubs for the unrelated imports (tests/test_compat_peers.py). omegaconf is verl's config type,
+# accelerate (+ psutil) an import of TRL's utils. verl's and OpenRLHF's wheels also install their test
+# files as top-level `tests` and `scripts` packages in site-packages. RLP_PEERS=0 skips this.
+if [ "${RLP_PEERS:-1}" = 1 ]; then
+  .venv/bin/python -m pip install -q --no-deps \
+    verl==0.9.1 trl==1.12.0 openrlhf==0.11.2 omegaconf==2.4.0 accelerate==1.16.0 psutil
+fi
