@@ -445,17 +445,21 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def stamp() -> dict:
+def stamp(archs) -> dict:
     try:
         sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         sha = "unknown"
-    ptxas = subprocess.run([_tool("ptxas"), "--version"], capture_output=True, text=True).stdout
+    versions = []
+    for arch in archs:  # triton 3.9 runs a newer ptxas for sm_90+ than for sm_80
+        out = subprocess.run([_ptxas(arch), "--version"], capture_output=True, text=True).stdout
+        release = (re.findall(r"release ([\d.]+)", out) or ["?"])[0]
+        versions.append(f"{release} for sm_{arch}")
     return {
         "date": datetime.date.today().isoformat(),
         "commit": sha,
         "triton_version": triton.__version__,
-        "ptxas": (re.findall(r"release ([\d.]+)", ptxas) or ["?"])[0],
+        "ptxas": ", ".join(versions),
         "torch": torch.__version__,
     }
 
@@ -480,7 +484,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-cuda", action="store_true", help="skip csrc/cuda/*.cu (nvcc)")
     args = p.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",")]
-    report = stamp()
+    report = stamp(archs)
     report["triton"] = compile_triton(archs, args.only)
     report["cuda"] = [] if args.no_cuda else compile_cuda(archs)
     if args.json:
