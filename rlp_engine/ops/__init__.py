@@ -8,6 +8,7 @@ from rlp_engine.ops.ib import gaussian_symmetric_kl, jsd_mi_lower_bound, multivi
 from rlp_engine.ops.kl import KL_KINDS, kl_penalty
 from rlp_engine.ops.logprobs import entropy_from_logits, logprobs_from_logits
 from rlp_engine.ops.ppo import ppo_policy_loss, ppo_value_loss
+from rlp_engine.ops.preference import DPO_LOSS_TYPES, dpo_loss, simpo_loss
 from rlp_engine.ops.reduce import (
     AGG_MODES,
     agg_loss,
@@ -20,12 +21,14 @@ from rlp_engine.ops.reduce import (
 
 __all__ = [
     "AGG_MODES",
+    "DPO_LOSS_TYPES",
     "KL_KINDS",
     "agg_loss",
     "agg_weights",
     "backend",
     "compute_gae",
     "current_backend",
+    "dpo_loss",
     "entropy_from_logits",
     "fused_linear_logprobs",
     "fused_linear_ppo_loss",
@@ -40,4 +43,5 @@ __all__ = [
     "multiview_ib_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "simpo_loss",
 ]
