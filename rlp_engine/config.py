@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -302,15 +304,60 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.long_prompts": ("truncate", "drop", "error"),
 }
 
+_AT_LEAST_1 = (lambda v: v >= 1, "an int >= 1")
+_AT_LEAST_0 = (lambda v: v >= 0, "an int >= 0")
+_POSITIVE = (lambda v: 0 < v < math.inf, "a finite number > 0")
+
 # Numeric keys with a valid range: key -> (test, what a valid value is).
 LIMITS: dict[str, tuple[typing.Callable[[object], bool], str]] = {
     "ppo.kl_target": (
         lambda v: v is None or 0 < v < math.inf,
         "a finite number > 0, or null (fixed kl_coef)",
     ),
-    "ppo.kl_horizon": (lambda v: v >= 1, "an int >= 1"),
-    "rlp.rounds": (lambda v: v >= 1, "an int >= 1"),
+    "ppo.kl_horizon": _AT_LEAST_1,
+    "rlp.rounds": _AT_LEAST_1,
+    **dict.fromkeys(
+        (
+            "sft.batch_size",
+            "rm.batch_size",
+            "uml.batch_size",
+            "uml.ib_batch_size",
+            "spg.batch_size",
+            "ppo.rollout_batch_size",
+            "ppo.mini_batch_size",
+            "ppo.ppo_epochs",
+            "sample.num_prompts",
+            "eval.num_prompts",
+            "eval.batch_size",
+            "eval.samples_per_prompt",
+            "run.log_every",
+            "run.keep_checkpoints",
+        ),
+        _AT_LEAST_1,
+    ),
+    "sample.n": (lambda v: v >= 2, "an int >= 2 (RLP-UML and RLP-SPG compare responses to one prompt)"),
+    **dict.fromkeys(("sft.lr", "rm.lr", "ppo.lr", "uml.lr", "spg.lr"), _POSITIVE),
+    **dict.fromkeys(
+        (
+            "sft.steps",
+            "rm.steps",
+            "ppo.steps",
+            "uml.steps",
+            "spg.steps",
+            "sft.warmup_steps",
+            "uml.beta_warmup_steps",
+            "run.checkpoint_every",
+            "run.max_nonfinite_steps",
+            "run.threads",
+        ),
+        _AT_LEAST_0,
+    ),
 }
+
+# run.device: what the engine runs on (checked against the machine in load_config).
+DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+# Plain float syntax ("1e-4", "3.", ".5"), which YAML 1.1 (PyYAML) reads as a string without a dot.
+FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _coerce(key: str, value, tp, where: str):
@@ -329,6 +376,8 @@ def _coerce(key: str, value, tp, where: str):
             except ConfigError as err:
                 errors.append(err)
         raise errors[0]
+    if tp is float and isinstance(value, str) and FLOAT_RE.match(value.strip()):
+        value = float(value)  # a YAML file's "1e-4" (PyYAML reads YAML 1.1: no dot, no float)
     ok = (
         (tp is bool and isinstance(value, bool))
         or (tp is int and isinstance(value, int) and not isinstance(value, bool))
@@ -356,6 +405,8 @@ def set_field(cfg: TrainConfig, key: str, value, where: str = "") -> None:
     value = _coerce(key, value, hints[name], where)
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{where}{key}: {value!r} is not one of {CHOICES[key]}")
+    if key == "run.device" and not DEVICE_RE.match(value):
+        raise ConfigError(f"{where}{key}: {value!r} is not a device; expected cpu, cuda or cuda:N")
     if key in LIMITS and not LIMITS[key][0](value):
         raise ConfigError(f"{where}{key}: {value!r} is out of range; expected {LIMITS[key][1]}")
     setattr(sub, name, value)
@@ -411,12 +462,40 @@ def load_config(path: str | Path | None = None, overrides=(), preset: str | None
     for text in overrides:
         key, value = parse_override(text)
         set_field(cfg, key, value, "override ")
+    check_together(cfg)
+    return cfg
+
+
+def check_together(cfg: TrainConfig) -> None:
+    """Checks across fields and against this machine, once every layer is applied."""
     if cfg.ppo.kl_target is not None and not cfg.ppo.kl_coef > 0:
         raise ConfigError(
             f"ppo.kl_coef: {cfg.ppo.kl_coef!r} with ppo.kl_target set; the adaptive controller multiplies "
             "the coefficient, so it must start > 0"
         )
-    return cfg
+    p = cfg.ppo
+    if p.rollout_batch_size % p.mini_batch_size:
+        raise ConfigError(
+            f"ppo.mini_batch_size: {p.mini_batch_size} does not divide ppo.rollout_batch_size "
+            f"{p.rollout_batch_size}; every PPO epoch splits the rollout into equal minibatches"
+        )
+    device = cfg.run.device
+    if device.startswith("cuda"):
+        import torch  # only here: a CPU config loads without torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"run.device: {device!r} but torch.cuda.is_available() is False (torch {torch.__version__}, "
+                f"CUDA build {torch.version.cuda}); use run.device=cpu"
+            )
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"run.device: {device!r} but this machine has {torch.cuda.device_count()} GPUs")
+    # Triton runs on CPU tensors only in its interpreter (set before triton is imported; the tests)
+    if cfg.run.backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(
+            "run.backend: 'triton' needs a CUDA device (run.device=cuda); on CPU use auto, cpp or torch"
+        )
 
 
 def to_dict(cfg: TrainConfig) -> dict:

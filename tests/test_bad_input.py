@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from rlp_engine.cli import main
 from rlp_engine.config import ConfigError, load_config
@@ -431,3 +432,100 @@ def test_cli_bad_data_exits_2_and_leaves_no_output_dir(tmp_path, monkeypatch, ca
     assert code == 2 and expected in err, err
     assert "Traceback" not in err and err.count("rlp-engine: error:") == 1
     assert not out.exists()
+
+
+# ---- values out of range and settings this machine cannot run: checked at load, before any output ----
+
+
+def _range_cases():
+    """(override args, the text naming the key) per value the config refuses at load."""
+    return {
+        "sft_batch_0": (["sft.batch_size=0"], "sft.batch_size: 0 is out of range; expected an int >= 1"),
+        "rm_batch_0": (["rm.batch_size=0"], "rm.batch_size: 0 is out of range"),
+        "uml_ib_batch_0": (["uml.ib_batch_size=0"], "uml.ib_batch_size: 0 is out of range"),
+        "ppo_mini_0": (["ppo.mini_batch_size=0"], "ppo.mini_batch_size: 0 is out of range"),
+        "ppo_rollout_neg": (["ppo.rollout_batch_size=-8"], "ppo.rollout_batch_size: -8 is out of range"),
+        "eval_batch_0": (["eval.batch_size=0"], "eval.batch_size: 0 is out of range"),
+        "samples_per_prompt_0": (["eval.samples_per_prompt=0"], "eval.samples_per_prompt: 0 is out of range"),
+        "num_prompts_0": (["sample.num_prompts=0"], "sample.num_prompts: 0 is out of range"),
+        "sample_n_1": (["sample.n=1"], "sample.n: 1 is out of range; expected an int >= 2"),
+        "sft_lr_neg": (["sft.lr=-1"], "sft.lr: -1.0 is out of range; expected a finite number > 0"),
+        "ppo_lr_0": (["ppo.lr=0"], "ppo.lr: 0.0 is out of range"),
+        "ppo_steps_neg": (["ppo.steps=-1"], "ppo.steps: -1 is out of range; expected an int >= 0"),
+        "mini_not_dividing": (
+            ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=3"],
+            "ppo.mini_batch_size: 3 does not divide ppo.rollout_batch_size 8",
+        ),
+        "device_gpu": (["run.device=gpu"], "run.device: 'gpu' is not a device; expected cpu, cuda or cuda:N"),
+        "device_cuda_index": (
+            [f"run.device=cuda:{torch.cuda.device_count() + 1}"],
+            f"run.device: 'cuda:{torch.cuda.device_count() + 1}' but",
+        ),
+        "triton_on_cpu": (["run.backend=triton"], "run.backend: 'triton' needs a CUDA device"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_range_cases()))
+def test_cli_out_of_range_values_exit_2_naming_the_key_and_write_nothing(tmp_path, monkeypatch, capsys, case):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' interpreter lets Triton run on CPU
+    args, expected = _range_cases()[case]
+    code, err, out = _cli(tmp_path, monkeypatch, capsys, *args)
+    assert code == 2 and expected in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cli_cuda_device_without_cuda_exits_2(tmp_path, monkeypatch, capsys):
+    code, err, out = _cli(tmp_path, monkeypatch, capsys, "run.device=cuda")
+    assert code == 2 and "run.device: 'cuda' but torch.cuda.is_available() is False" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_out_of_range_values_in_a_file_name_the_file_and_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: tiny\numl:\n  batch_size: 0\n")
+    with pytest.raises(ConfigError, match=rf"^{f}: uml\.batch_size: 0 is out of range"):
+        load_config(f)
+
+
+def test_limits_accept_the_defaults_and_the_edges():
+    """Every preset passes; 0 steps, batch size 1, sample.n 2 and any lr > 0 are allowed."""
+    for preset in ("default", "tiny"):
+        load_config(preset=preset)
+    edges = ["sft.steps=0", "ppo.steps=0", "sft.batch_size=1", "sample.n=2", "spg.lr=1e-12", "run.device=cpu"]
+    cfg = load_config(preset="tiny", overrides=[*edges, "ppo.rollout_batch_size=6", "ppo.mini_batch_size=3"])
+    assert (cfg.sft.steps, cfg.sample.n, cfg.spg.lr, cfg.ppo.mini_batch_size) == (0, 2, 1e-12, 3)
+
+
+# ---- YAML floats: "1e-4" without a dot is a string to PyYAML (YAML 1.1) ----
+
+
+def test_yaml_file_accepts_plain_float_syntax_for_float_fields(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(
+        "sft:\n  lr: 1e-4\nrm:\n  lr: 3E-5\nppo:\n  kl_coef: 2e-1\n  kl_target: 6e0\numl:\n  lr: .5e-3\n"
+    )
+    cfg = load_config(f)
+    assert (cfg.sft.lr, cfg.rm.lr, cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.uml.lr) == (
+        1e-4,
+        3e-5,
+        0.2,
+        6.0,
+        5e-4,
+    )
+    assert all(isinstance(v, float) for v in (cfg.sft.lr, cfg.ppo.kl_target))
+    # the same as the override, which was accepted already
+    assert load_config(overrides=["sft.lr=1e-4"]).sft.lr == cfg.sft.lr
+
+
+def test_yaml_float_syntax_stays_a_string_elsewhere(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("sft:\n  steps: 1e3\n")  # an int field: no silent float -> int
+    with pytest.raises(ConfigError, match=rf"^{f}: sft\.steps: expected int, got str '1e3'"):
+        load_config(f)
+    f.write_text("data:\n  sft_path: 1e3\n")  # a str field keeps the text
+    assert load_config(f).data.sft_path == "1e3"
+    f.write_text("sft:\n  lr: 1e-4x\n")
+    with pytest.raises(ConfigError, match=r"sft\.lr: expected float, got str '1e-4x'"):
+        load_config(f)
