@@ -529,3 +529,23 @@ def test_yaml_float_syntax_stays_a_string_elsewhere(tmp_path):
     f.write_text("sft:\n  lr: 1e-4x\n")
     with pytest.raises(ConfigError, match=r"sft\.lr: expected float, got str '1e-4x'"):
         load_config(f)
+
+
+# ---- labels outside [0, V): every backend raises, naming the op, the argument and the value ----
+
+
+@pytest.mark.parametrize("bad", [10, 11, -1, -101])
+def test_logprobs_from_logits_label_out_of_range_every_backend(backend_name, bad):
+    from rlp_engine.ops import backend, logprobs_from_logits
+
+    logits = torch.randn(3, 5, 10)
+    labels = torch.randint(0, 10, (3, 5))
+    labels[0, 1] = -100  # ignore_index stays allowed
+    labels[2, 3] = bad
+    with backend(backend_name):
+        with pytest.raises(ValueError, match=rf"^logprobs_from_logits: labels: {bad} is outside \[0, 10\)"):
+            logprobs_from_logits(logits, labels)
+        with pytest.raises(ValueError, match=rf"labels: {bad} is outside"):
+            logprobs_from_logits(logits, labels.int(), return_entropy=True)
+        labels[2, 3] = 9
+        assert torch.isfinite(logprobs_from_logits(logits, labels)).all()

@@ -373,3 +373,27 @@ def test_ppo_bad_inputs_name_the_argument():
         f(hidden, weight, labels, old, adv, mask, dual_clip=0.5)
     with pytest.raises(TypeError, match="advantages"):
         f(hidden, weight, labels, old, adv.long(), mask)
+
+
+@pytest.mark.parametrize("bad", [10, 12, -1, -7])
+def test_labels_out_of_range_raise_on_every_backend(backend_name, bad):
+    """A label >= V (or < 0 other than ignore_index) gave a plausible number on the chunked path:
+    now every backend raises ValueError naming the op, the argument and the value, before any work."""
+    hidden, weight, b, labels = make(6, 8, 10, bias=True)
+    labels[4] = bad
+    with backend(backend_name):
+        with pytest.raises(ValueError, match=rf"^fused_linear_logprobs: labels: {bad} is outside \[0, 10\)"):
+            fused_linear_logprobs(hidden, weight, labels, bias=b)
+        with pytest.raises(ValueError, match=rf"labels: {bad} is outside"):
+            plain = labels.masked_fill(
+                labels == -100, 0
+            ).int()  # -100 is a bad label with another ignore_index
+            fused_linear_logprobs(hidden, weight, plain, return_entropy=True, ignore_index=-1000)
+        lp_old, adv = torch.randn(6), torch.randn(6)
+        mask = torch.ones(6)
+        mask[4] = 0  # off the mask too: a label out of range there is a bug upstream
+        with pytest.raises(ValueError, match=rf"^fused_linear_ppo_loss: labels: {bad} is outside"):
+            fused_linear_ppo_loss(hidden, weight, labels, lp_old, adv, mask, bias=b)
+        labels[4] = -100  # ignore_index stays allowed
+        lp = fused_linear_logprobs(hidden, weight, labels, bias=b)
+        assert torch.isfinite(lp).all() and lp[4] == 0

@@ -18,6 +18,7 @@ import torch
 from rlp_engine.kernels import fused_linear_logprobs as K
 from rlp_engine.ops._backend import select
 from rlp_engine.ops._checks import check_choice, check_mask, check_same_shape, check_tensor
+from rlp_engine.ops.logprobs import check_label_range
 from rlp_engine.ops.reduce import AGG_MODES, agg_weights, masked_mean
 
 SUPPORTED = ("torch", "cpp", "triton")
@@ -120,11 +121,13 @@ def fused_linear_logprobs(
 
     hidden [..., H] and weight [V, H] (fp32, bf16, fp16; fp64 on the torch backend; same dtype),
     bias [V] or None, labels [...] int64. Returns logprob [...] fp32 (fp64 for fp64 inputs), and
-    entropy [...] when `return_entropy`. Rows whose label is `ignore_index` give 0 and no gradient.
+    entropy [...] when `return_entropy`. Rows whose label is `ignore_index` give 0 and no gradient;
+    any other label outside [0, V) raises ValueError (one host sync per call, before any work).
     Differentiable in hidden, weight and bias; the backward recomputes the logits per tile.
     """
     op = "fused_linear_logprobs"
     _check_lm_head(op, hidden, weight, labels, bias, temperature)
+    check_label_range(op, labels, weight.shape[0], ignore_index)
     impl, h2, w, b, y = _prepare(op, hidden, weight, labels, bias)
     lp, ent = _LogprobsFn.apply(
         h2, w, b, y, 1.0 / float(temperature), int(ignore_index), return_entropy, impl
@@ -316,7 +319,8 @@ def fused_linear_ppo_loss(
     advantages, mask (and ref_logprob) [B, T] (or [N]). old_logprob, advantages and ref_logprob are
     treated as constants. Returns (loss 0-dim fp32, metrics: clipfrac, approx_kl, clipfrac_lower, kl,
     entropy as 0-dim tensors). Matches fused_linear_logprobs composed with ppo_policy_loss and
-    kl_penalty, in value and gradients.
+    kl_penalty, in value and gradients. Labels must lie in [0, V) or be -100, also off the mask
+    (ValueError otherwise: one host sync per call).
     """
     op = "fused_linear_ppo_loss"
     _check_lm_head(op, hidden, weight, labels, bias, temperature)
@@ -324,6 +328,7 @@ def fused_linear_ppo_loss(
         kl_kind=kl_kind, agg=agg, kl_coef=kl_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip
     )
     _check_ppo(op, hidden, labels, old_logprob, advantages, mask, ref_logprob, kw)
+    check_label_range(op, labels, weight.shape[0], -100)
     impl, h2, w, b, y = _prepare(op, hidden, weight, labels, bias)
     mask2 = mask.reshape(1, -1) if hidden.dim() == 2 else mask
     tokens = _PPO(

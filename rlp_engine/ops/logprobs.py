@@ -2,9 +2,8 @@
 fused). Semantics: ../DESIGN "Log-probs"; kernels: rlp_engine.kernels.logprobs (Triton + reference)
 and csrc/logprobs.cpp (C++).
 
-Labels outside [0, V) other than ignore_index raise on CPU (the C++ op checks them; the torch backend
-checks them on CPU tensors only). On CUDA nothing is checked, because that would need a host sync:
-the Triton kernel writes NaN log-probs for such rows instead.
+Labels outside [0, V) other than ignore_index raise ValueError on every backend and device
+(`check_label_range`: one min/max reduction and one host sync per call, before any work).
 """
 
 from __future__ import annotations
@@ -39,15 +38,21 @@ def _check_args(op: str, logits, labels, temperature) -> None:
         raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
 
 
-def _check_label_range_cpu(op: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    # CPU only: on CUDA `.any()` would sync the host with the device in the hot path.
-    if labels.device.type != "cpu" or labels.numel() == 0:
+def check_label_range(op: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Raise ValueError naming `op`, `labels` and the value when a label is outside [0, vocab) and is
+    not ignore_index. A label out of range would otherwise give a plausible wrong number (chunked
+    torch path), a C++ error that does not name the op, or NaN (Triton)."""
+    if labels.numel() == 0:
         return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bad.any():
-        value = int(labels[bad][0])
+    y = labels.to(torch.int64)
+    # one min/max reduction and one host sync per call (a few microseconds next to the [N, V] work);
+    # ignored rows count as label 0
+    lo, hi = torch.where(y == ignore_index, 0, y).aminmax()
+    lo, hi = torch.stack([lo, hi]).tolist()
+    if lo < 0 or hi >= vocab:
+        value = lo if lo < 0 else hi
         raise ValueError(
-            f"{op}: label {value} is outside [0, {vocab}) and is not ignore_index ({ignore_index})"
+            f"{op}: labels: {value} is outside [0, {vocab}) and is not ignore_index ({ignore_index})"
         )
 
 
@@ -77,7 +82,6 @@ def _rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
 def _dispatch(op, logits, labels, temperature, ignore_index, with_entropy):
     be = select(op, logits)
     if be == "torch":
-        _check_label_range_cpu(op, labels, logits.shape[-1], ignore_index)
         return logprobs_ref(logits, labels, temperature, ignore_index)
     x, y = _rows(logits, labels)
     if be == "cpp":
@@ -102,6 +106,7 @@ def logprobs_from_logits(
     """
     op = "logprobs_from_logits"
     _check_args(op, logits, labels, temperature)
+    check_label_range(op, labels, logits.shape[-1], ignore_index)
     lp, ent = _dispatch(op, logits, labels, temperature, ignore_index, return_entropy)
     return (lp, ent) if return_entropy else lp
 
