@@ -12,6 +12,7 @@ Log-probs returned for each sampled token (`logprobs_mode`):
 
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from collections.abc import Sequence
@@ -258,6 +259,10 @@ class Generator:
             raise ValueError(f"Generator: fast=True needs one of {FAST_MODEL_TYPES} with full attention")
         if self.fast:
             self._build_rope_table()
+        # transformers 5.2x renamed forward's past_key_values to cache (the old name warns, removed in
+        # 5.40); older versions only know past_key_values
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._eager = self._fast_step if self.fast else self._step
         self._decode = self._compiled_decode() if self.compile else self._eager
 
@@ -324,9 +329,9 @@ class Generator:
             input_ids=tokens,
             attention_mask=mask4d,
             position_ids=position_ids,
-            past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_arg: self.cache},
         )
         return out.logits[:, -1, :]
 
