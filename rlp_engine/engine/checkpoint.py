@@ -7,6 +7,10 @@ Layout under <output_dir>/resume/ (internal state; the HF exports users load are
                             (samples, statistics, seconds), the current stage's loop state (step,
                             scheduler, data generators and position), metrics.jsonl length, throughput
         rng-rank<r>.pt      each rank's torch (CPU and CUDA), numpy and python RNG states
+
+meta.pt and rng-rank<r>.pt hold only plain types and tensors, so they load with
+`torch.load(..., weights_only=True)`: dataclass records (samples, preference pairs) are stored as
+tagged dicts and rebuilt on load (only dataclasses defined in rlp_engine), numpy's RNG state as lists.
         state/              the current stage's models and optimizers: torch.distributed.checkpoint
                             (DCP) files, written by every rank in parallel, loadable on any world size;
                             under run.train_backend=deepspeed (ZeRO-3 engines) DeepSpeed's own
@@ -30,7 +34,10 @@ step's checkpoint (its files written, the rename not done).
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import os
+import pickle
 import random
 import re
 import shutil
@@ -45,6 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rlp_engine.config import ConfigError
 from rlp_engine.engine import deepspeed_backend
 from rlp_engine.engine.distributed import barrier, rank_and_world
 
@@ -79,6 +87,78 @@ def save_file(obj, path: Path) -> None:
         os.fsync(f.fileno())
 
 
+# ---------------------------------------------------------------- plain types for weights_only loads
+
+_TAG = "__dataclass__"
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor)
+
+
+def to_plain(obj, where: str = "meta"):
+    """`obj` with every dataclass instance replaced by {_TAG: "module.Class", "fields": {...}} and
+    numpy scalars by Python numbers, so that torch.load(weights_only=True) reads it back. Anything
+    else that is not a plain type or a tensor raises TypeError here, when saving, naming its place."""
+    if isinstance(obj, np.generic):  # before _PLAIN: np.float64 is a float but pickles as numpy
+        return obj.item()
+    if isinstance(obj, _PLAIN):
+        return obj
+    if isinstance(obj, dict):
+        return {k: to_plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        cls = type(obj)
+        fields = {
+            f.name: to_plain(getattr(obj, f.name), f"{where}.{f.name}") for f in dataclasses.fields(obj)
+        }
+        return {_TAG: f"{cls.__module__}.{cls.__qualname__}", "fields": fields}
+    raise TypeError(
+        f"checkpoint: {where} is a {type(obj).__name__}; store plain types, tensors or dataclasses"
+    )
+
+
+def _record_class(name: str) -> type:
+    """The dataclass `name` ("rlp_engine.x.y.Class"); nothing outside rlp_engine is imported."""
+    module, _, qualname = name.rpartition(".")
+    if not module.startswith("rlp_engine."):
+        raise ValueError(f"checkpoint: record type {name!r} is not an rlp_engine dataclass")
+    cls = getattr(importlib.import_module(module), qualname, None)
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise ValueError(f"checkpoint: record type {name!r} is not an rlp_engine dataclass")
+    return cls
+
+
+def from_plain(obj):
+    """Inverse of `to_plain`: the tagged dicts become their dataclasses again (built as pickle does,
+    without calling __init__, so frozen records come back too)."""
+    if isinstance(obj, dict):
+        if _TAG in obj and set(obj) == {_TAG, "fields"}:
+            cls = _record_class(obj[_TAG])
+            rec = cls.__new__(cls)
+            for k, v in obj["fields"].items():
+                object.__setattr__(rec, k, from_plain(v))
+            return rec
+        return {k: from_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_plain(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(from_plain(v) for v in obj)
+    return obj
+
+
+def load_plain(path: Path):
+    """A meta or RNG file, read with weights_only=True (plain types and tensors only)."""
+    try:
+        return from_plain(torch.load(path, weights_only=True))
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(
+            f"resume: {path} cannot be read with torch.load(weights_only=True) ({first}); it was written "
+            "by an older rlp-engine or is not one of its checkpoints: resume it with the version that "
+            "wrote it, or choose another --output-dir"
+        ) from err
+
+
 def publish(tmp: Path, final: Path) -> None:
     """Make the finished directory `tmp` visible as `final` in one atomic rename (replacing an older
     `final`: moved aside first, deleted after), then fsync the parent so the rename survives a crash."""
@@ -109,8 +189,14 @@ def maybe_kill(stage: str, step: int, phase: str = "") -> None:
 
 
 def rng_state() -> dict:
-    """This process's global RNG states: torch CPU (and every CUDA device), numpy, python."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's global RNG states: torch CPU (and every CUDA device), numpy (its legacy
+    MT19937 tuple, the key array as a list of ints), python."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -118,7 +204,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -234,7 +321,7 @@ class CheckpointStore:
         paths = self.complete()
         if not paths:
             return None
-        return paths[-1], torch.load(paths[-1] / "meta.pt", weights_only=False)
+        return paths[-1], load_plain(paths[-1] / "meta.pt")
 
     def save(
         self,
@@ -256,7 +343,7 @@ class CheckpointStore:
             save_tensors(tmp / "state", modules, optimizers)
         save_file(rng_state(), tmp / f"rng-rank{rank}.pt")
         if rank == 0:
-            save_file({**meta, "seq": self.seq}, tmp / "meta.pt")
+            save_file(to_plain({**meta, "seq": self.seq}), tmp / "meta.pt")
         if kill_point is not None:
             maybe_kill(*kill_point, phase="saving")
         barrier()  # every rank's files are on disk before the rename makes them a checkpoint
@@ -279,9 +366,9 @@ class CheckpointStore:
             load_tensors(path / "state", modules, optimizers)
         own = path / f"rng-rank{rank}.pt"
         if own.is_file():
-            set_rng_state(torch.load(own, weights_only=False))
+            set_rng_state(load_plain(own))
         else:
-            set_rng_state(torch.load(path / "rng-rank0.pt", weights_only=False))
+            set_rng_state(load_plain(path / "rng-rank0.pt"))
             torch.manual_seed(torch.initial_seed() + rank)
             print(f"[rlp-engine] rank {rank}: {path.name} has no RNG state for it; reseeded", flush=True)
 
