@@ -1,12 +1,15 @@
 """The `rlp-engine` command.
 
-    rlp-engine train [--config FILE.yaml] [--preset NAME] [--output-dir DIR] [--resume] [key=value ...]
+    rlp-engine train [--config FILE.yaml] [--preset NAME] [--output-dir DIR] [--resume] [--print-config]
+                     [key=value ...]
     rlp-engine eval --policy DIR [--reward-model DIR] [--config FILE.yaml] [key=value ...]
     rlp-engine sample --policy DIR [-n N] [--prompt TEXT ...] [key=value ...]
+    rlp-engine --version
 
-`train` runs the whole RLP pipeline (embedded arithmetic task when no config is given) and writes
+`train` runs the whole RLP pipeline (embedded reverse task when no config is given) and writes
 DIR/report.json, DIR/report.md, DIR/training_curves.png, DIR/metrics.jsonl and checkpoints.
 `train --output-dir DIR --resume` continues a killed run from its last complete checkpoint.
+Exit codes: 0 done, 2 bad config or input (nothing written), 3 training diverged.
 Under torchrun (`torchrun --nproc_per_node N -m rlp_engine.cli train ...`) `train` runs as one
 SPMD program over the N ranks; rank 0 writes the outputs and prints the summary.
 """
@@ -18,11 +21,13 @@ import json
 import sys
 from pathlib import Path
 
-from rlp_engine.config import ConfigError, load_config
+from rlp_engine import __version__
+from rlp_engine.config import ConfigError, dump_yaml, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlp-engine", description="RLHF with Reward Learning on Policy (RLP).")
+    p.add_argument("--version", action="version", version=f"rlp-engine {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
@@ -38,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --output-dir from its last complete checkpoint (its config.yaml is "
         "the config unless --config/--preset are given); a fresh start when it has none",
+    )
+    t.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (preset, file, overrides, --output-dir) as YAML and exit; "
+        "writes nothing",
     )
 
     e = sub.add_parser("eval", help="gold score and proxy reward of a saved policy on held-out prompts")
@@ -58,6 +69,9 @@ def _train(args, cfg) -> int:
 
     if args.output_dir:
         cfg.run.output_dir = args.output_dir
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
     # A missing file or model directory fails here, before the 8 s import of torch and transformers;
     # the pipeline then runs data/prepare.prepare_inputs before it creates the output directory.
     check_limits(cfg.data)

@@ -1,5 +1,6 @@
-"""The `rlp-engine` command for a person at a terminal: no deprecation warning from our own
-generator calls; checkpoint files that load with weights_only=True."""
+"""The `rlp-engine` command for a person at a terminal: --version, train --print-config, the key
+metrics printed at every logging step, no deprecation warning from our own generator calls, and
+checkpoint files that load with weights_only=True."""
 
 from __future__ import annotations
 
@@ -8,8 +9,63 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from rlp_engine import __version__
+from rlp_engine.cli import main
+from rlp_engine.config import load_config, to_dict
 from rlp_engine.engine.checkpoint import from_plain, to_plain
+from rlp_engine.engine.metrics import MetricsLogger, console_line
+
+# ---- --version and --print-config ----
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"rlp-engine {__version__}"
+
+
+def test_print_config_prints_the_resolved_yaml_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: tiny\nppo:\n  kl_coef: 0.05\n")
+    args = ["train", "--config", str(f), "--output-dir", str(out), "--print-config", "sft.lr=1e-4"]
+    assert main(args) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    want = load_config(f, ["sft.lr=1e-4"])
+    want.run.output_dir = str(out)
+    assert printed == to_dict(want)
+    assert (printed["model"]["hidden_size"], printed["ppo"]["kl_coef"], printed["sft"]["lr"]) == (
+        32,
+        0.05,
+        1e-4,
+    )
+    assert not out.exists()
+    # a bad value is still refused, with nothing printed on stdout
+    assert main([*args, "sft.batch_size=0"]) == 2
+    got = capsys.readouterr()
+    assert got.out == "" and "sft.batch_size: 0 is out of range" in got.err
+
+
+# ---- one line of key metrics per logging step ----
+
+
+def test_console_line_shows_the_key_metrics_present(tmp_path, capsys):
+    values = {"loss": 0.123456, "grad_norm": 3.0, "score": -1.23456e-5, "kl": 2.0, "gold": 0.5, "lr": 1e-3}
+    assert console_line("ppo", 7, values) == (
+        "{'stage': 'ppo', 'step': 7, 'loss': 0.1235, 'score': -1.235e-05, 'kl': 2.0, 'gold': 0.5}"
+    )
+    assert console_line("sft", 0, {"lr": 0.1}) == "{'stage': 'sft', 'step': 0}"
+    logger = MetricsLogger(tmp_path, console=True)
+    logger.log("rm", 3, {"loss": torch.tensor(0.75), "acc": 0.5, "grad_norm": 1.0})
+    assert capsys.readouterr().out == "{'stage': 'rm', 'step': 3, 'loss': 0.75, 'acc': 0.5}\n"
+    MetricsLogger(tmp_path / "quiet").log("rm", 3, {"loss": 0.75})  # console off: the default
+    logger.replay([{"stage": "rm", "step": 4, "loss": 0.5}])  # replayed lines (resume) are not printed
+    assert capsys.readouterr().out == ""
+    logger.close()
+
 
 # ---- no deprecation warning from our own transformers calls ----
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -85,15 +86,28 @@ def _all_reduce_on(device: torch.device, t: torch.Tensor, op: str) -> torch.Tens
     return buf.to(device)
 
 
+# What `MetricsLogger(console=True)` prints of each logged step, when present.
+CONSOLE_KEYS = ("loss", "acc", "score", "kl", "gold")
+
+
+def console_line(stage: str, step: int, values: dict[str, float]) -> str:
+    """One short line per logged step, a dict like TRL's: {'stage': 'ppo', 'step': 3, 'loss': 0.1234, ...}
+    (4 significant digits)."""
+    shown = {k: float(f"{values[k]:.4g}") for k in CONSOLE_KEYS if k in values}
+    return str({"stage": stage, "step": step, **shown})
+
+
 class MetricsLogger:
     """`log(stage, step, {name: value})` appends a JSON line `{"stage", "step", name: value, ...}` to
-    DIR/metrics.jsonl, writes TensorBoard scalars `stage/name` under DIR/tb, and keeps the curves.
+    DIR/metrics.jsonl, writes TensorBoard scalars `stage/name` under DIR/tb, and keeps the curves;
+    with `console` it also prints `console_line` (the key metrics) to stdout.
     With `out_dir=None` it only keeps the curves (for the Python API and tests).
     Under torchrun every rank calls `log` at the same steps: the values are averaged over ranks
     (one all-reduce) and only the logger given an out_dir (rank 0's) writes them."""
 
-    def __init__(self, out_dir: str | Path | None = None, tensorboard: bool = False):
+    def __init__(self, out_dir: str | Path | None = None, tensorboard: bool = False, console: bool = False):
         self.curves: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+        self.console = console
         self._file = None
         self._tb = None
         if out_dir is not None:
@@ -118,6 +132,8 @@ class MetricsLogger:
         if self._file is not None:
             self._file.write(json.dumps({"stage": stage, "step": step, **values}) + "\n")
             self._file.flush()
+        if self.console:
+            _write_line(console_line(stage, step, values))
         return values
 
     def replay(self, records: list[dict]) -> None:
@@ -181,6 +197,17 @@ class Throughput:
             }
             for name in self.seconds
         }
+
+
+def _write_line(line: str) -> None:
+    """Print `line` above any tqdm progress bar (plain print without tqdm)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        print(line, flush=True)
+        return
+    tqdm.write(line)
+    sys.stdout.flush()  # a pipe (a log file, a supervising process) sees each step as it ends
 
 
 def progress(iterable, *, desc: str, enabled: bool, total: int | None = None):

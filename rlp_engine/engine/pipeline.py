@@ -108,7 +108,9 @@ class Run:
                 f.truncate(metrics_bytes)
             records = [json.loads(line) for line in path.read_text().splitlines()]
             shutil.rmtree(self.out / "tb", ignore_errors=True)  # rewritten below from the records
-        logger = MetricsLogger(self.out if self.main else None, tensorboard=self.cfg.run.tensorboard)
+        logger = MetricsLogger(
+            self.out if self.main else None, tensorboard=self.cfg.run.tensorboard, console=self.main
+        )
         logger.replay(records)
         return logger
 
