@@ -9,7 +9,9 @@
 `train` runs the whole RLP pipeline (embedded reverse task when no config is given) and writes
 DIR/report.json, DIR/report.md, DIR/training_curves.png, DIR/metrics.jsonl and checkpoints.
 `train --output-dir DIR --resume` continues a killed run from its last complete checkpoint.
-Exit codes: 0 done, 2 bad config or input (nothing written), 3 training diverged.
+Ctrl-C during a training loop saves a checkpoint at the end of the current step and exits 130
+(a second Ctrl-C, or one outside a loop, exits 130 at once); the line printed says how to resume.
+Exit codes: 0 done, 2 bad config or input (nothing written), 3 training diverged, 130 interrupted.
 Under torchrun (`torchrun --nproc_per_node N -m rlp_engine.cli train ...`) `train` runs as one
 SPMD program over the N ranks; rank 0 writes the outputs and prints the summary.
 """
@@ -64,6 +66,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupted(cfg, err: BaseException) -> int:
+    """Ctrl-C: one line saying where the run stopped, what is saved and how to continue; exit 130."""
+    from rlp_engine.engine.checkpoint import SIGINT, CheckpointStore, Interrupted
+
+    out = cfg.run.output_dir
+    if isinstance(err, Interrupted):
+        where, last = f"stage {err.stage} step {err.step}", err.path
+    else:
+        where = "before training" if SIGINT.stage is None else f"stage {SIGINT.stage} step {SIGINT.step}"
+        done = CheckpointStore(Path(out) / "resume").complete() if Path(out, "resume").is_dir() else []
+        last = done[-1] if done else None
+    if last is None:
+        print(f"rlp-engine: interrupted at {where}; no checkpoint was written", file=sys.stderr)
+    else:
+        print(
+            f"rlp-engine: interrupted at {where}; the last checkpoint is {last}; continue with "
+            f"`rlp-engine train --output-dir {out} --resume`",
+            file=sys.stderr,
+        )
+    return 130
+
+
 def _train(args, cfg) -> int:
     from rlp_engine.data.prepare import check_limits, check_paths
 
@@ -76,18 +100,22 @@ def _train(args, cfg) -> int:
     # the pipeline then runs data/prepare.prepare_inputs before it creates the output directory.
     check_limits(cfg.data)
     check_paths(cfg)
+    from rlp_engine.engine.checkpoint import Interrupted, save_on_sigint
     from rlp_engine.engine.distributed import finish
     from rlp_engine.engine.guards import NonFiniteError
     from rlp_engine.engine.pipeline import run_pipeline
 
     try:
-        report = run_pipeline(cfg, resume=args.resume)
+        with save_on_sigint():
+            report = run_pipeline(cfg, resume=args.resume)
     except NonFiniteError as err:  # training diverged: say so, and where the last good state is
         print(f"rlp-engine: stopped: {err}", file=sys.stderr)
         print(
             f"rlp-engine: the last complete checkpoint is under {cfg.run.output_dir}/resume", file=sys.stderr
         )
         return 3
+    except (Interrupted, KeyboardInterrupt) as err:
+        return _interrupted(cfg, err)
     if not report:  # a rank other than 0: rank 0 reports
         return finish(0)
     print(f"[rlp-engine] report: {cfg.run.output_dir}/report.md ({report['total_seconds']:.1f} s)")
@@ -161,6 +189,9 @@ def main(argv=None) -> int:
     except INPUT_ERRORS as err:  # bad config, data or model: one line, no traceback
         print(f"rlp-engine: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training (imports, data) or in eval/sample
+        print(f"rlp-engine: interrupted ({args.command})", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,20 +1,38 @@
 """The `rlp-engine` command for a person at a terminal: --version, train --print-config, the key
-metrics printed at every logging step, no deprecation warning from our own generator calls, and
-checkpoint files that load with weights_only=True."""
+metrics printed at every logging step, Ctrl-C (SIGINT) during train saving a checkpoint at the step
+boundary and resuming from it bit for bit, what a directory left by a stopped run tells its user,
+and no deprecation warning from our own generator calls."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from torch import nn
 
 from rlp_engine import __version__
 from rlp_engine.cli import main
 from rlp_engine.config import load_config, to_dict
-from rlp_engine.engine.checkpoint import from_plain, to_plain
+from rlp_engine.engine.checkpoint import (
+    CheckpointStore,
+    Interrupted,
+    LoopCheckpoint,
+    from_plain,
+    save_on_sigint,
+    to_plain,
+)
 from rlp_engine.engine.metrics import MetricsLogger, console_line
 
 # ---- --version and --print-config ----
@@ -109,3 +127,115 @@ def test_plain_round_trip_of_records_and_refusals():
         to_plain({"x": {1}})
     with pytest.raises(ValueError, match="not an rlp_engine dataclass"):
         from_plain({"__dataclass__": "os.PathLike", "fields": {}})
+
+
+# ---- Ctrl-C (SIGINT) ----
+
+
+def _toy():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return lambda: ({"m": model}, [opt], {"extra": 1})
+
+
+def test_sigint_is_held_to_the_step_boundary_then_saved(tmp_path):
+    state = _toy()
+    store = CheckpointStore(tmp_path / "resume")
+    with save_on_sigint():
+        ckpt = LoopCheckpoint(store, "toy", every=0, base_meta=lambda: {"note": "x"})
+        assert ckpt.resume(*state()[:2]) is None  # the loop starts: a SIGINT now waits for its step
+        ckpt.step_done(1, 5, state)
+        os.kill(os.getpid(), signal.SIGINT)  # held: no KeyboardInterrupt here
+        assert store.complete() == []
+        with pytest.raises(Interrupted) as stop:
+            ckpt.step_done(2, 5, state)
+    assert (stop.value.stage, stop.value.step, stop.value.path) == ("toy", 2, store.complete()[-1])
+    path, meta = store.latest()
+    assert (meta["stage"], meta["note"], meta["loop"]) == ("toy", "x", {"extra": 1, "step": 2})
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_sigint_outside_a_loop_or_twice_stops_at_once(tmp_path):
+    state = _toy()
+    store = CheckpointStore(tmp_path / "resume")
+    with save_on_sigint():
+        ckpt = LoopCheckpoint(store, "toy", every=0, base_meta=dict)
+        ckpt.resume(*state()[:2])
+        ckpt.step_done(3, 3, state)  # the loop's last step: the loop is over
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(2)  # the handler raises at the next bytecode: never slept through
+    with save_on_sigint():
+        ckpt = LoopCheckpoint(store, "toy", every=0, base_meta=dict)
+        ckpt.resume(*state()[:2])
+        os.kill(os.getpid(), signal.SIGINT)  # held
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second one: at once
+            time.sleep(2)
+    assert store.complete() == []
+
+
+ARGS = ["--preset", "tiny", "sft.steps=200", "run.stages=ppo", "run.tensorboard=false", "run.threads=1"]
+
+
+def _train(out: Path, *args: str, popen: bool = False):
+    cmd = [sys.executable, "-m", "rlp_engine.cli", "train", "--output-dir", str(out), *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLP_ENGINE_")}
+    env["OMP_NUM_THREADS"] = "1"
+    if popen:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _outcome(out: Path) -> tuple[dict, list]:
+    weights = {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((out / "checkpoints").rglob("*.safetensors"))
+    }
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return weights, [{k: v for k, v in x.items() if "seconds" not in k} for x in lines]
+
+
+def test_sigint_during_train_saves_the_step_and_resume_finishes_bit_identical(tmp_path, capsys):
+    """SIGINT from outside once SFT has logged step 5 (of 200): exit 130 with one line naming the
+    stage, the step and the checkpoint written at it; the directory then explains itself (a plain
+    rerun and a resume with another config are refused, saying what to do), and --resume finishes
+    with the weights and metrics of an uninterrupted run."""
+    out = tmp_path / "run"
+    proc = _train(out, *ARGS, popen=True)
+    for line in proc.stdout:
+        if line.startswith("{'stage': 'sft', 'step': 5,"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    found = re.fullmatch(
+        rf"rlp-engine: interrupted at stage sft step (\d+); the last checkpoint is (\S+); continue with "
+        rf"`rlp-engine train --output-dir {re.escape(str(out))} --resume`",
+        last,
+    )
+    assert found, err[-3000:]
+    step, path = int(found.group(1)), Path(found.group(2))
+    assert 5 < step < 200 and path == max((out / "resume").glob("ckpt-*"))
+    # every checkpoint file holds plain types and tensors only
+    for f in (out / "resume").rglob("*.pt"):
+        torch.load(f, weights_only=True)
+    meta = torch.load(path / "meta.pt", weights_only=True)
+    assert (meta["stage"], meta["loop"]["step"]) == ("sft", step)
+    assert not (out / "report.json").exists()
+
+    assert main(["train", "--output-dir", str(out), *ARGS]) == 2
+    assert "holds checkpoints of an earlier run" in capsys.readouterr().err
+    assert main(["train", "--output-dir", str(out), "--resume", "--preset", "tiny", "run.stages=ppo"]) == 2
+    err = capsys.readouterr().err
+    assert "sft.steps: 200 -> 8" in err
+    assert "pass only --output-dir and --resume" in err and "choose another --output-dir" in err
+
+    resumed = _train(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"stage sft: resuming at step {step}" in resumed.stdout
+    baseline = tmp_path / "baseline"
+    assert _train(baseline, *ARGS).returncode == 0
+    assert _outcome(out) == _outcome(baseline)

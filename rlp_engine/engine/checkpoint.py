@@ -26,6 +26,11 @@ last `keep` complete checkpoints are kept (older ones are deleted after the new 
 Every function here is a collective under torchrun (all ranks call it in the same order); single
 process it needs no process group.
 
+Ctrl-C: under `save_on_sigint()` (the CLI's `train`, single process) the first SIGINT inside a
+training loop is held until the loop's step boundary, where `LoopCheckpoint.step_done` saves a
+checkpoint at that step and raises `Interrupted`; a SIGINT outside a loop, or a second one, raises
+KeyboardInterrupt at once (the last complete checkpoint stays the newest).
+
 Fault injection for the tests: RLP_ENGINE_KILL_AT="<stage>:<step>" SIGKILLs one rank (rank 0, or
 RLP_ENGINE_KILL_RANK) right after loop step <step> (1-based count of finished steps) of <stage> and
 its checkpoint, if any, is written; "<stage>:<step>:saving" kills it in the middle of writing that
@@ -42,8 +47,10 @@ import random
 import re
 import shutil
 import signal
+import threading
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -401,6 +408,65 @@ class CheckpointStore:
             load_tensors(path, modules)
 
 
+# ---------------------------------------------------------------- Ctrl-C (SIGINT)
+
+
+class Interrupted(Exception):
+    """SIGINT stopped the run at a training loop's step boundary, where `path` was saved."""
+
+    def __init__(self, stage: str, step: int, path: Path):
+        super().__init__(f"interrupted at stage {stage} step {step}; checkpoint {path}")
+        self.stage, self.step, self.path = stage, step, path
+
+
+@dataclass
+class _Sigint:
+    """What the SIGINT handler and the training loops share (one process, its main thread)."""
+
+    installed: bool = False
+    requested: bool = False  # a SIGINT is waiting for the loop's next step boundary
+    armed: bool = False  # a training loop that saves at its step boundaries is running
+    stage: str | None = None  # where the run is, for the message of an immediate stop
+    step: int = 0
+
+
+SIGINT = _Sigint()
+
+
+def _on_sigint(signum, frame) -> None:
+    if SIGINT.armed and not SIGINT.requested:
+        SIGINT.requested = True
+        # os.write, not print: a print interrupted by this handler would raise a reentrant-call error
+        os.write(
+            2,
+            b"\n[rlp-engine] Ctrl-C: saving a checkpoint at the end of this step "
+            b"(Ctrl-C again stops at once, keeping the last complete checkpoint)\n",
+        )
+        return
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def save_on_sigint():
+    """Within this block the first SIGINT during a training loop makes the loop save a checkpoint at
+    its next step boundary and raise `Interrupted`; elsewhere, or a second time, SIGINT raises
+    KeyboardInterrupt at once. Single process only (under torchrun the ranks would see the signal
+    at different steps and the collective save would hang): there, and off the main thread, it
+    changes nothing."""
+    # WORLD_SIZE: torchrun's, read before the pipeline creates the process group
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or rank_and_world()[1] > 1
+    if distributed or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    SIGINT.installed, SIGINT.requested, SIGINT.armed = True, False, False
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        SIGINT.installed = SIGINT.requested = SIGINT.armed = False
+
+
 # ---------------------------------------------------------------- what a training loop sees
 
 
@@ -412,7 +478,9 @@ class LoopCheckpoint:
     stage (a dict the loop wrote: step, scheduler, generators, ...) after loading the tensors and
     RNG, or None to start from step 0. After each step it calls `step_done(step, total, state)`
     with the number of finished steps; every `every` steps (not after the last one: the stage's
-    end writes its own checkpoint) `state()` -> (modules, optimizers, loop state) is saved."""
+    end writes its own checkpoint) `state()` -> (modules, optimizers, loop state) is saved. After a
+    SIGINT (`save_on_sigint`) the next `step_done` saves at its step, the last one included (a loop
+    resumed there runs no step and returns as it would have), and raises `Interrupted`."""
 
     store: CheckpointStore
     stage: str
@@ -422,20 +490,32 @@ class LoopCheckpoint:
     saved: list[int] = field(default_factory=list)
 
     def resume(self, modules: dict[str, nn.Module], optimizers=()) -> dict | None:
+        SIGINT.armed, SIGINT.stage, SIGINT.step = SIGINT.installed, self.stage, 0
         if self.resume_from is None:
             return None
         path, meta = self.resume_from
         self.resume_from = None
         self.store.restore(path, modules, optimizers)
+        SIGINT.step = meta["loop"]["step"]
         return meta["loop"]
 
     def step_done(self, step: int, total: int, state: Callable[[], tuple[dict, list, dict]]) -> None:
+        SIGINT.step = step
+        path = None
         if self.every > 0 and step % self.every == 0 and step < total:
-            modules, optimizers, loop = state()
-            meta = {**self.base_meta(), "stage": self.stage, "loop": {**loop, "step": step}}
-            self.store.save(meta, modules, optimizers, kill_point=(self.stage, step))
-            self.saved.append(step)
+            path = self._save(step, state)
+        if SIGINT.requested:
+            raise Interrupted(self.stage, step, path or self._save(step, state))
         maybe_kill(self.stage, step)
+        if step >= total:
+            SIGINT.armed = False  # after the loop a SIGINT stops at once
+
+    def _save(self, step: int, state: Callable[[], tuple[dict, list, dict]]) -> Path:
+        modules, optimizers, loop = state()
+        meta = {**self.base_meta(), "stage": self.stage, "loop": {**loop, "step": step}}
+        path = self.store.save(meta, modules, optimizers, kill_point=(self.stage, step))
+        self.saved.append(step)
+        return path
 
 
 def generator_states(*gens: torch.Generator) -> list[torch.Tensor]:

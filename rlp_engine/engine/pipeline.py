@@ -36,7 +36,7 @@ from rlp_engine.config import ConfigError, TrainConfig, dump_yaml, to_dict
 from rlp_engine.data.build import TaskData
 from rlp_engine.data.prepare import prepare_inputs
 from rlp_engine.data.task import annotate, label_pairs
-from rlp_engine.engine.checkpoint import CheckpointStore, LoopCheckpoint, publish
+from rlp_engine.engine.checkpoint import SIGINT, CheckpointStore, Interrupted, LoopCheckpoint, publish
 from rlp_engine.engine.distributed import barrier, check_replicas, init_distributed, rank_and_world
 from rlp_engine.engine.evaluate import evaluate_policies
 from rlp_engine.engine.generate import sample
@@ -138,6 +138,7 @@ class Run:
                 self.store.restore(path)  # the RNG state the uninterrupted run had at this point
             return
         start = time.perf_counter()
+        SIGINT.stage, SIGINT.step = name, 0  # for the message of a Ctrl-C outside a training loop
         inside = self.resume if self.resume and self.resume[1].get("stage") == name else None
         self.say(
             f"stage {name} ..."
@@ -159,7 +160,9 @@ class Run:
         self.stage_seconds[name] = round(before + time.perf_counter() - start, 2)
         if checkpoint:
             self.finished[name] = {"results": handle.results, "seconds": self.stage_seconds[name]}
-            self.store.save({**self.meta(), "stage": None})  # stage boundary: outputs, RNG, progress
+            path = self.store.save({**self.meta(), "stage": None})  # stage boundary: outputs, RNG, progress
+            if SIGINT.requested:  # Ctrl-C after the loop's last step boundary: stop at this one
+                raise Interrupted(name, SIGINT.step, path)
         self.say(f"stage {name} done in {self.stage_seconds[name]:.1f} s")
 
     def say(self, text: str) -> None:
@@ -557,6 +560,8 @@ def check_resumable(cfg: TrainConfig, saved: dict) -> None:
         raise ConfigError(
             "--resume: the config differs from the checkpoint's in keys that change the results: "
             + "; ".join(changed)
+            + ". To continue that run, pass only --output-dir and --resume (its config.yaml is used; "
+            "drop --config, --preset and these overrides); to run this config, choose another --output-dir"
         )
 
 
