@@ -3,8 +3,8 @@
 A config is built from a named preset ("default" or "tiny"), then a YAML file, then dotted
 command-line overrides (`ppo.kl_coef=0.01`), each layer replacing single fields. Unknown keys and
 ill-typed or out-of-range values raise `ConfigError` naming the key (and the file). PPO defaults
-follow AlpacaFarm (see DESIGN "RLP"): kl `k1_nonneg`, beta 0.0067 fixed (`ppo.kl_target` makes it
-adaptive), reward whitening, gamma = lam = 1, whitened advantages, clip 0.2, value clip 0.2, vf_coef
+follow AlpacaFarm (see DESIGN "RLP") except beta: kl `k1_nonneg`, beta 0.15 fixed (`ppo.kl_target`
+makes it adaptive), reward whitening, gamma = lam = 1, whitened advantages, clip 0.2, value clip 0.2, vf_coef
 0.1, no entropy bonus, rollout temperature 1.0, evaluation temperature 0.7. Learning rates and
 step counts are sized for the tiny embedded task on CPU, not for a 7B model.
 """
@@ -117,8 +117,9 @@ class PPOConfig:
     lr: float = 1e-4
     max_grad_norm: float = 1.0
     kl_kind: str = "k1_nonneg"
-    # beta: fixed, or the starting value when kl_target is set. AlpacaFarm's 0.0067 lets PPO drift onto
-    # what the proxy RM cannot see (gold -0.09 vs SFT on the reverse task); 0.15 holds it (+0.1)
+    # beta: fixed, or the starting value when kl_target is set. Swept on tuning seeds 100-101 (bench
+    # NOTES): 0.0067 (AlpacaFarm's) to 0.3 all improve gold over SFT (+0.15 to +0.17), larger beta
+    # slightly more; with a weaker RM 0.0067 let PPO drift below SFT (-0.09), 0.15 held it
     kl_coef: float = 0.15
     # adaptive KL controller (Ziegler et al. 2019, TRL's AdaptiveKLController): after each rollout
     # beta *= 1 + clip(kl / kl_target - 1, -0.2, 0.2) * rollout_batch_size / kl_horizon, kl being the
