@@ -69,6 +69,7 @@ def label_pairs(
     out = [annotate(task.gold, p, a, b, label_noise, rng) for p, (a, b) in zip(prompts, pairs)]
     return [x for x in out if x is not None]
 
+
 _ANSWER = re.compile(r"^\s*(-?\d+)")
 
 
