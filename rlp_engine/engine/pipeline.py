@@ -278,6 +278,19 @@ def _round(k: int) -> str:
     return "" if k == 1 else f"_r{k}"
 
 
+def _sample_stage(run: Run, name: str, policy, tokenizer, prompts: list[str]):
+    """Stage `name`: the set P, sample.n responses of `policy` to each of the first
+    sample.num_prompts prompts (a finished stage: its saved samples)."""
+    cfg = run.cfg
+    with run.stage(name) as st:
+        samples = None
+        if not st.done:
+            samples = sample_policy(
+                policy, tokenizer, prompts[: cfg.sample.num_prompts], cfg.sample, cfg.data, run.throughput
+            )
+        return st.keep({}, {"samples": samples})["samples"]
+
+
 def _spg_stage(run: Run, data: TaskData, tokenizer, policy, ranker, samples, tag: str):
     """Stage rm_spg<tag>: RLP-SPG's reward model from the SFT `policy` on D + synthetic pairs from
     `samples` (y_w ranked by `ranker`). Returns (reward model, synthetic pairs, statistics)."""
@@ -344,18 +357,7 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
         policies["ppo_oracle"] = _ppo_stage(run, "ppo_oracle", policy, rm, tokenizer, prompts, gold_reward)
     if not stages & {"uml", "spg", "uml_spg"}:
         return policies, rms, info
-    with run.stage("sample") as st:
-        samples = None
-        if not st.done:
-            samples = sample_policy(
-                policies["ppo"],
-                tokenizer,
-                prompts[: cfg.sample.num_prompts],
-                cfg.sample,
-                cfg.data,
-                run.throughput,
-            )
-        samples = st.keep({}, {"samples": samples})["samples"]
+    samples = _sample_stage(run, "sample", policies["ppo"], tokenizer, prompts)
     if "uml" in stages:
         with run.stage("rm_uml") as st:
             if st.done:
@@ -401,18 +403,7 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
         # latest refined RM), PPO again from SFT
         for k in range(2, cfg.rlp.rounds + 1):
             last, tag = f"rlp_spg{_round(k - 1)}", _round(k)
-            with run.stage(f"sample{tag}") as st:
-                fresh = None
-                if not st.done:
-                    fresh = sample_policy(
-                        policies[last],
-                        tokenizer,
-                        prompts[: cfg.sample.num_prompts],
-                        cfg.sample,
-                        cfg.data,
-                        run.throughput,
-                    )
-                fresh = st.keep({}, {"samples": fresh})["samples"]
+            fresh = _sample_stage(run, f"sample{tag}", policies[last], tokenizer, prompts)
             ranker = rms[f"rm_spg{_round(k - 1)}"]
             rms[f"rm_spg{tag}"], _, info[f"spg{tag}"] = _spg_stage(
                 run, data, tokenizer, policy, ranker, fresh, tag
