@@ -247,7 +247,7 @@ def plot(summary: dict, path: Path) -> None:
                 es.append(est["se"] or 0.0)
         label = "held-out" if s == "heldout" else f"on {policy_name(s)}"
         right.errorbar(xs, ys, yerr=es, fmt="s" if s == "heldout" else "o", capsize=3, label=label)
-    right.set_xticks(range(len(rms)), [rm_name(m) for m in rms])
+    right.set_xticks(range(len(rms)), [rm_name(m) for m in rms], rotation=20, ha="right")
     right.set_ylabel("pairwise accuracy")
     right.set_title("reward models: held-out vs on-policy accuracy")
     right.legend(fontsize=7)
