@@ -42,13 +42,19 @@ def _torchrun(
     argv = ["-m", "rlp_engine.cli", "train", "--preset", "tiny", "--output-dir", str(out), *SMALL, *extra]
     return run_torchrun(argv, 2, limit_s, extra_env)
 
+# every policy of the default stages: SFT, PPO, the oracle, RLP-UML, RLP-SPG, both at once, SPG round 2
+POLICIES = {"sft", "ppo", "ppo_oracle", "rlp_uml", "rlp_spg", "rlp_uml_spg", "rlp_spg_r2"}
+# the training stages (each logs metrics and exports a checkpoint)
+STAGES = ("sft", "rm", "ppo", "ppo_oracle", "rm_uml", "ppo_uml", "rm_spg", "ppo_spg")
+STAGES += ("rm_uml_spg", "ppo_uml_spg", "rm_spg_r2", "ppo_spg_r2")
+
 
 def test_two_process_run_writes_one_report_from_rank_zero(tmp_path):
     out = tmp_path / "run"
     code, output, _ = _torchrun(out)
     assert code == 0, output[-4000:]
     report = json.loads((out / "report.json").read_text())
-    assert set(report["policies"]) == {"sft", "ppo", "rlp_uml", "rlp_spg"}
+    assert set(report["policies"]) == POLICIES
     assert report["machine"]["world_size"] == 2
     # rank 0 alone writes: exactly these files, one summary print, one metrics line per (stage, step)
     assert {p.name for p in out.iterdir()} == {
@@ -64,16 +70,16 @@ def test_two_process_run_writes_one_report_from_rank_zero(tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     keys = [(x["stage"], x["step"]) for x in lines]
     assert len(keys) == len(set(keys))
-    assert {"sft", "rm", "ppo", "rm_uml", "ppo_uml", "rm_spg", "ppo_spg"} == {s for s, _ in keys}
+    assert set(STAGES) == {s for s, _ in keys}
     ppo = [x for x in lines if x["stage"].startswith("ppo")]
-    assert len(ppo) == 6
+    assert len(ppo) == 12  # 6 PPO stages x 2 steps
     for x in ppo:
         # the whole fp32 actor went into the generation model at every train -> generate switch
         assert x["switch_bytes"] == 4 * report["model"]["parameters"] and x["switch_buckets"] > 1
         assert x["switch_seconds"] >= 0
         # generator log-probs ("scaled") agree with the trainer's teacher-forced old log-probs
         assert x["gen_logprob_gap"] < 1e-4
-    for name in ("sft", "rm", "ppo", "rm_uml", "ppo_uml", "rm_spg", "ppo_spg"):
+    for name in STAGES:
         assert (out / "checkpoints" / name).is_dir()
     # throughput counts both ranks' tokens: 2 PPO runs x 2 steps x 8 prompts + P's 8 x 4 samples
     # responses of at least one token each
@@ -113,12 +119,7 @@ def test_rank_killed_mid_ppo_ends_the_job_and_its_checkpoint_resumes_on_one_proc
     assert res.returncode == 0, res.stderr[-3000:]
     assert "stage ppo: resuming at step 1" in res.stdout
     report = json.loads((out / "report.json").read_text())
-    assert report["machine"]["world_size"] == 1 and set(report["policies"]) == {
-        "sft",
-        "ppo",
-        "rlp_uml",
-        "rlp_spg",
-    }
+    assert report["machine"]["world_size"] == 1 and set(report["policies"]) == POLICIES
 
 
 def test_data_parallel_helpers_are_identities_single_process():
