@@ -42,6 +42,7 @@ def _torchrun(
     argv = ["-m", "rlp_engine.cli", "train", "--preset", "tiny", "--output-dir", str(out), *SMALL, *extra]
     return run_torchrun(argv, 2, limit_s, extra_env)
 
+
 # every policy of the default stages: SFT, PPO, the oracle, RLP-UML, RLP-SPG, both at once, SPG round 2
 POLICIES = {"sft", "ppo", "ppo_oracle", "rlp_uml", "rlp_spg", "rlp_uml_spg", "rlp_spg_r2"}
 # the training stages (each logs metrics and exports a checkpoint)
