@@ -303,3 +303,92 @@ def compute_value_loss(
 def compute_rewards(token_level_scores, old_log_prob, ref_log_prob, kl_ratio):
     kl = old_log_prob - ref_log_prob
     return token_level_scores - kl * kl_ratio
+
+
+# ---- advantage estimators (core_algos) -----------------------------------------------------------
+
+
+def _outcome(token_level_rewards, response_mask, index, tensor_index_raises=True):
+    """verl's inputs for the group estimators: scores = rewards summed over every position (fp32 at
+    least), and the group keys index[0..bs) exactly as verl reads them. A torch.Tensor index gives
+    verl 0-d tensors as dict keys, hashed by identity, so its second lookup misses: GRPO and
+    REINFORCE++-baseline raise KeyError, RLOO sees no group of more than one row (raw scores)."""
+    bsz = token_level_rewards.shape[0]
+    if isinstance(index, torch.Tensor):
+        if tensor_index_raises and bsz > 0:
+            raise KeyError(index[0])
+        keys = list(range(bsz))
+    else:
+        keys = [index[i] for i in range(bsz)]
+    r = token_level_rewards.detach()
+    scores = r.sum(dim=-1, dtype=torch.promote_types(r.dtype, torch.float32))
+    return scores, keys, promote(token_level_rewards, response_mask)
+
+
+def compute_grpo_outcome_advantage(
+    token_level_rewards,
+    response_mask,
+    index,
+    epsilon=1e-6,
+    norm_adv_by_std_in_grpo=True,
+    config=None,
+):
+    """verl's GRPO: (s - group mean) / (group std + epsilon) on the response tokens (no division when
+    norm_adv_by_std_in_grpo=False); a one-sequence group has mean 0 and std 1. Returns (advantages,
+    advantages), the same tensor twice, [bs, T] in promote(rewards, mask), without grad."""
+    scores, keys, dt = _outcome(token_level_rewards, response_mask, index)
+    adv = ops.grpo_advantages(
+        scores, response_mask, keys, norm_by_std=bool(norm_adv_by_std_in_grpo), eps=epsilon
+    ).to(dt)
+    return adv, adv
+
+
+def compute_rloo_outcome_advantage(
+    token_level_rewards, response_mask, index, epsilon=1e-6, config=None, **kwargs
+):
+    """verl's RLOO: n/(n-1) * (s - group mean) on the response tokens, a one-sequence group's raw
+    score. Returns (advantages, advantages), [bs, T] in promote(rewards, mask). `epsilon` unused."""
+    scores, keys, dt = _outcome(token_level_rewards, response_mask, index, tensor_index_raises=False)
+    adv = ops.rloo_advantages(scores, response_mask, keys).to(dt)
+    return adv, adv
+
+
+def compute_reinforce_plus_plus_baseline_outcome_advantage(
+    token_level_rewards, response_mask, index, epsilon=1e-6, config=None, **kwargs
+):
+    """verl's REINFORCE++-baseline: s - group mean on every response token, whitened over the
+    batch's response tokens, times the mask. ValueError (verl's messages) for fewer than two
+    response tokens. Returns (advantages, advantages) in promote(rewards, mask). The centred scores
+    are GRPO's without the std; the whitening is verl's masked_whiten expression for expression."""
+    scores, keys, dt = _outcome(token_level_rewards, response_mask, index)
+    with torch.no_grad():
+        centred = ops.grpo_advantages(scores, response_mask, keys, norm_by_std=False).to(dt)
+        adv = masked_whiten(centred, response_mask) * response_mask
+    return adv, adv
+
+
+def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards, response_mask, config=None, **kwargs):
+    """verl's REINFORCE++: discounted returns with gamma = config.gamma, carried across mask holes
+    (0 there), whitened over the mask (verl's masked_whiten) and times the mask. Returns (advantages
+    in promote(rewards, mask), returns in the rewards' dtype). The returns are GAE's carried
+    recurrence with V = 0, lam = 1, so the GAE kernels compute them (in fp32, like
+    compute_gae_advantage_return); gamma must lie in [0, 1] (verl takes any float)."""
+    assert config is not None
+    gamma = _cfg(config, "gamma")
+    r = token_level_rewards.detach()
+    with torch.no_grad():
+        g, _ = ops.compute_gae(r, torch.zeros_like(r), response_mask, gamma=gamma, lam=1.0, mask_mode="carry")
+        returns = (g * response_mask).to(r.dtype)
+        adv = masked_whiten(returns, response_mask) * response_mask
+    return adv, returns
+
+
+def compute_remax_outcome_advantage(
+    token_level_rewards, reward_baselines, response_mask, config=None, **kwargs
+):
+    """verl's ReMax: returns = reverse cumsum of rewards * mask, advantages = returns - baseline *
+    mask. Returns (advantages in promote(rewards, baselines, mask), returns in promote(rewards,
+    mask)), without grad."""
+    adv, returns = ops.remax_advantages(token_level_rewards, reward_baselines, response_mask)
+    dt = promote(token_level_rewards, response_mask)
+    return adv.to(torch.promote_types(dt, reward_baselines.dtype)), returns.to(dt)

@@ -2,6 +2,13 @@
 pure torch) unless `backend(name)` forces one. Semantics: ../DESIGN "Op semantics"."""
 
 from rlp_engine.ops._backend import backend, current_backend
+from rlp_engine.ops.advantages import (
+    grpo_advantages,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    remax_advantages,
+    rloo_advantages,
+)
 from rlp_engine.ops.fused_linear import fused_linear_logprobs, fused_linear_ppo_loss
 from rlp_engine.ops.gae import compute_gae
 from rlp_engine.ops.ib import gaussian_symmetric_kl, jsd_mi_lower_bound, multiview_ib_loss
@@ -33,6 +40,7 @@ __all__ = [
     "fused_linear_logprobs",
     "fused_linear_ppo_loss",
     "gaussian_symmetric_kl",
+    "grpo_advantages",
     "jsd_mi_lower_bound",
     "kl_penalty",
     "logprobs_from_logits",
@@ -43,5 +51,9 @@ __all__ = [
     "multiview_ib_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
+    "remax_advantages",
+    "rloo_advantages",
     "simpo_loss",
 ]
