@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_csv, peak_memory_mb, print_table, time_fn  # noqa: E402
+from common import add_csv_args, peak_memory_mb, print_table, save_rows, time_fn  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from rlp_engine.engine.generator import Generator, pad_prompts  # noqa: E402
@@ -118,16 +118,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    add_csv_args(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     with torch.no_grad():
         sync_rows = bench_sync(device)
         print_table(f"weight sync per switch ({device}, ratio = full_state_dict ms / variant ms)", sync_rows)
-        append_csv("engine_sync", device, sync_rows)
+        save_rows(args, "engine_sync", device, sync_rows)
         gen_rows = bench_generate(device)
         print_table(f"generation, tiny Llama ({device}, ratio = hf ms / variant ms)", gen_rows)
-        append_csv("engine_generate", device, gen_rows)
+        save_rows(args, "engine_generate", device, gen_rows)
 
 
 if __name__ == "__main__":

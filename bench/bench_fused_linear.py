@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import append_csv, device_name, peak_memory_mb, print_table, time_fn  # run from bench/
 
-from rlp_engine.ops import fused_linear_logprobs, fused_linear_ppo_loss, ppo_policy_loss
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also under PYTHONSAFEPATH
+from common import add_csv_args, device_name, peak_memory_mb, print_table, save_rows, time_fn  # noqa: E402
+
+from rlp_engine.ops import fused_linear_logprobs, fused_linear_ppo_loss, ppo_policy_loss  # noqa: E402
 
 
 def naive_logprobs(h, w, y):
@@ -146,6 +150,7 @@ def main():
     parser.add_argument("--n", type=int)
     parser.add_argument("--hidden", type=int)
     parser.add_argument("--vocab", type=int)
+    add_csv_args(parser)
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.n = args.n or (16384 if gpu else 4096)
@@ -158,7 +163,7 @@ def main():
     for r in rows:
         if "matmul_rate_pct" in r:
             print(f"  {r['variant']}: {r['matmul_rate_pct']:.0f}% of the cuBLAS matmul rate")
-    append_csv("fused_linear", args.device, rows)
+    save_rows(args, "fused_linear", args.device, rows)
 
 
 if __name__ == "__main__":

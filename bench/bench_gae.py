@@ -18,11 +18,15 @@ Usage: python bench/bench_gae.py [--device cuda] [--B 64 --T 2048] [--mask-mode 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
-from common import append_csv, device_name, peak_memory_mb, print_table, time_fn
 
-from rlp_engine.ops import compute_gae, masked_whiten
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also under PYTHONSAFEPATH
+from common import add_csv_args, device_name, peak_memory_mb, print_table, save_rows, time_fn  # noqa: E402
+
+from rlp_engine.ops import compute_gae, masked_whiten  # noqa: E402
 
 BYTES_PER_TOKEN_GAE = 17  # r, V fp32 in; mask bool in; advantages, returns fp32 out
 BYTES_PER_TOKEN_E2E = 25  # + whitening: read advantages and mask for the statistics, write once
@@ -120,7 +124,7 @@ def main():
     parser.add_argument("--T", type=int, default=None)
     parser.add_argument("--mask-mode", default="carry", choices=("carry", "zero"))
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch and the OpenMP ops)")
-    parser.add_argument("--no-csv", action="store_true")
+    add_csv_args(parser)
     args = parser.parse_args()
     cuda = torch.device(args.device).type == "cuda"
     args.B = args.B or (256 if cuda else 64)
@@ -132,8 +136,7 @@ def main():
     rows = run(args)
     print_table(f"GAE ({args.mask_mode}) on {device_name(args.device)}", rows)
     floor_rows(rows, args.B * args.T, args.device)
-    if not args.no_csv:
-        append_csv("gae", args.device, rows)
+    save_rows(args, "gae", args.device, rows)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,15 @@ Usage: python bench/bench_logprobs.py [--device cuda] [--N 4096 --V 32000] [--dt
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
-from common import append_csv, device_name, peak_memory_mb, print_table, time_fn
 
-from rlp_engine.ops import logprobs_from_logits
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also under PYTHONSAFEPATH
+from common import add_csv_args, device_name, peak_memory_mb, print_table, save_rows, time_fn  # noqa: E402
+
+from rlp_engine.ops import logprobs_from_logits  # noqa: E402
 
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -112,7 +116,7 @@ def main():
     parser.add_argument("--dtype", default=None, choices=tuple(DTYPES))
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch and the OpenMP ops)")
-    parser.add_argument("--no-csv", action="store_true")
+    add_csv_args(parser)
     args = parser.parse_args()
     cuda = torch.device(args.device).type == "cuda"
     args.N = args.N or (8192 if cuda else 4096)
@@ -125,8 +129,7 @@ def main():
     rows = run(args)
     print_table(f"log-probs + entropy on {device_name(args.device)} (ratio = verl ms / variant ms)", rows)
     floor_lines(rows, args)
-    if not args.no_csv:
-        append_csv("logprobs", args.device, rows)
+    save_rows(args, "logprobs", args.device, rows)
 
 
 if __name__ == "__main__":

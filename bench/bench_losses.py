@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_csv, device_name, peak_memory_mb, print_table, sync, time_fn  # noqa: E402
+from common import add_csv_args, device_name, peak_memory_mb, print_table, save_rows, sync, time_fn  # noqa: E402
 
 from rlp_engine.ops import agg_loss, backend, kl_penalty, ppo_policy_loss, ppo_value_loss  # noqa: E402
 
@@ -98,6 +98,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--B", type=int, default=512)
     parser.add_argument("--T", type=int, default=2048)
+    add_csv_args(parser)
     args = parser.parse_args()
     dev = args.device
     name = "triton" if torch.device(dev).type == "cuda" else "cpp"
@@ -148,7 +149,7 @@ def main():
     )
     sync(dev)
     print_table(f"PPO policy + value + KL loss fwd+bwd on {device_name(dev)} (ratio = eager / variant)", rows)
-    append_csv("losses", dev, rows)
+    save_rows(args, "losses", dev, rows)
 
 
 if __name__ == "__main__":

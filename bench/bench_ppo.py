@@ -80,7 +80,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_csv, print_table, sync  # noqa: E402
+from common import add_csv_args, print_table, save_rows, sync  # noqa: E402
 
 from rlp_engine.algos.ppo import init_ppo, ppo_step  # noqa: E402
 from rlp_engine.config import load_config  # noqa: E402
@@ -332,6 +332,7 @@ def main() -> None:
     )
     parser.add_argument("--sizes", default="default,large", help=f"comma list among {sorted(SIZES)}")
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL baseline")
+    add_csv_args(parser)
     args = parser.parse_args()
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
@@ -347,7 +348,7 @@ def main() -> None:
         rows += bench_size(size, device, args.steps or STEPS[size], not args.no_trl, args.threads)
     title = f"PPO step ({device}, ratio = trl ms / ours ms; phase rows: share of our step)"
     print_table(title, rows)
-    append_csv("ppo_step", device, rows)
+    save_rows(args, "ppo_step", device, rows)
 
 
 if __name__ == "__main__":

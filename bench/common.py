@@ -1,11 +1,13 @@
 """Shared bench helpers: median timing, peak memory, device/commit stamps, table and CSV output.
 
 Every bench script times each variant as the median of several runs after warm-up, reports the
-ratio against the baseline measured in the same run, and appends its rows to bench/results.csv.
+ratio against the baseline measured in the same run, and appends its rows to bench/results.csv
+(`--csv PATH` elsewhere, `--no-csv` nowhere: `add_csv_args` and `save_rows`).
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import os
@@ -138,3 +140,22 @@ def append_csv(bench: str, device, rows: list[dict], path: Path = CSV_PATH) -> N
             writer.writeheader()
         for r in rows:
             writer.writerow({**stamp, **{k: r.get(k) for k in CSV_FIELDS if k in r}})
+
+
+def add_csv_args(parser: argparse.ArgumentParser) -> None:
+    """The CSV flags every bench script takes: `--csv PATH` (default bench/results.csv) or `--no-csv`."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--csv",
+        type=Path,
+        default=CSV_PATH,
+        metavar="PATH",
+        help="append the rows to this CSV (default: bench/results.csv, which bench/summarize.py reads)",
+    )
+    group.add_argument("--no-csv", action="store_true", help="print the table only; write no CSV")
+
+
+def save_rows(args: argparse.Namespace, bench: str, device, rows: list[dict]) -> None:
+    """append_csv to args.csv, unless --no-csv (args from a parser given `add_csv_args`)."""
+    if not args.no_csv:
+        append_csv(bench, device, rows, path=args.csv)
