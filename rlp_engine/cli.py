@@ -10,9 +10,11 @@
 `train` runs the whole RLP pipeline (embedded reverse task when no config is given) and writes
 DIR/report.json, DIR/report.md, DIR/training_curves.png, DIR/metrics.jsonl and checkpoints.
 `train --output-dir DIR --resume` continues a killed run from its last complete checkpoint.
-Ctrl-C during a training loop saves a checkpoint at the end of the current step and exits 130
-(a second Ctrl-C, or one outside a loop, exits 130 at once); the line printed says how to resume.
-Exit codes: 0 done, 2 bad config or input (nothing written), 3 training diverged, 130 interrupted.
+Ctrl-C (SIGINT) or SIGTERM during a training loop saves a checkpoint at the end of the current step
+and exits 130 (SIGTERM: 143); a second one, or one outside a loop, exits at once with the same code;
+the line printed says how to resume.
+Exit codes: 0 done, 2 bad config or input (nothing written), 3 training diverged, 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM).
 Under torchrun (`torchrun --nproc_per_node N -m rlp_engine.cli train ...`) `train` runs as one
 SPMD program over the N ranks; rank 0 writes the outputs and prints the summary.
 `eval`/`sample --policy RUN_DIR/checkpoints/<stage>` use RUN_DIR/config.yaml (the task, lengths and
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -100,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _interrupted(cfg, err: BaseException) -> int:
-    """Ctrl-C: one line saying where the run stopped, what is saved and how to continue; exit 130."""
+    """Ctrl-C or SIGTERM: one line saying where the run stopped, what is saved and how to continue;
+    exit 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
     from rlp_engine.engine.checkpoint import SIGINT, CheckpointStore, Interrupted
 
     out = cfg.run.output_dir
@@ -118,7 +122,7 @@ def _interrupted(cfg, err: BaseException) -> int:
             f"`rlp-engine train --output-dir {out} --resume`",
             file=sys.stderr,
         )
-    return 130
+    return 128 + (SIGINT.signum or signal.SIGINT)
 
 
 def _train(args, cfg) -> int:

@@ -26,6 +26,7 @@ from rlp_engine import __version__, cli
 from rlp_engine.cli import main
 from rlp_engine.config import load_config, to_dict
 from rlp_engine.engine.checkpoint import (
+    SIGINT,
     CheckpointStore,
     Interrupted,
     LoopCheckpoint,
@@ -129,7 +130,7 @@ def test_plain_round_trip_of_records_and_refusals():
         from_plain({"__dataclass__": "os.PathLike", "fields": {}})
 
 
-# ---- Ctrl-C (SIGINT) ----
+# ---- Ctrl-C (SIGINT) and SIGTERM ----
 
 
 def _toy():
@@ -138,25 +139,32 @@ def _toy():
     return lambda: ({"m": model}, [opt], {"extra": 1})
 
 
-def test_sigint_is_held_to_the_step_boundary_then_saved(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_is_held_to_the_step_boundary_then_saved(tmp_path, sig):
     state = _toy()
     store = CheckpointStore(tmp_path / "resume")
-    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs as a background job
+    # SIG_IGN for SIGINT when the suite runs as a background job; SIG_DFL for SIGTERM
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with save_on_sigint():
         ckpt = LoopCheckpoint(store, "toy", every=0, base_meta=lambda: {"note": "x"})
-        assert ckpt.resume(*state()[:2]) is None  # the loop starts: a SIGINT now waits for its step
+        assert ckpt.resume(*state()[:2]) is None  # the loop starts: a signal now waits for its step
         ckpt.step_done(1, 5, state)
-        os.kill(os.getpid(), signal.SIGINT)  # held: no KeyboardInterrupt here
+        os.kill(os.getpid(), sig)  # held: no KeyboardInterrupt, and for SIGTERM no death, here
         assert store.complete() == []
         with pytest.raises(Interrupted) as stop:
             ckpt.step_done(2, 5, state)
     assert (stop.value.stage, stop.value.step, stop.value.path) == ("toy", 2, store.complete()[-1])
+    assert SIGINT.signum == sig  # kept after the block, for the CLI's exit code
     path, meta = store.latest()
     assert (meta["stage"], meta["note"], meta["loop"]) == ("toy", "x", {"extra": 1, "step": 2})
-    assert signal.getsignal(signal.SIGINT) is before  # restored
+    assert {s: signal.getsignal(s) for s in before} == before  # restored
 
 
-def test_sigint_outside_a_loop_or_twice_stops_at_once(tmp_path):
+@pytest.mark.parametrize(
+    "first,second",
+    [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)],
+)
+def test_sigint_outside_a_loop_or_twice_stops_at_once(tmp_path, first, second):
     state = _toy()
     store = CheckpointStore(tmp_path / "resume")
     with save_on_sigint():
@@ -164,15 +172,17 @@ def test_sigint_outside_a_loop_or_twice_stops_at_once(tmp_path):
         ckpt.resume(*state()[:2])
         ckpt.step_done(3, 3, state)  # the loop's last step: the loop is over
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), first)
             time.sleep(2)  # the handler raises at the next bytecode: never slept through
+    assert SIGINT.signum == first
     with save_on_sigint():
         ckpt = LoopCheckpoint(store, "toy", every=0, base_meta=dict)
         ckpt.resume(*state()[:2])
-        os.kill(os.getpid(), signal.SIGINT)  # held
+        os.kill(os.getpid(), first)  # held
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)  # the second one: at once
+            os.kill(os.getpid(), second)  # the second one: at once
             time.sleep(2)
+    assert SIGINT.signum == second
     assert store.complete() == []
 
 
@@ -240,6 +250,33 @@ def test_sigint_during_train_saves_the_step_and_resume_finishes_bit_identical(tm
     baseline = tmp_path / "baseline"
     assert _train(baseline, *ARGS).returncode == 0
     assert _outcome(out) == _outcome(baseline)
+
+
+def test_sigterm_during_train_saves_the_step_exits_143_and_resume_finishes(tmp_path):
+    """SIGTERM (what a job scheduler or `kill` sends) behaves as Ctrl-C: the step is saved, the same
+    one line is printed, the exit code is 143 (128 + 15), and --resume finishes the run."""
+    out = tmp_path / "run"
+    proc = _train(out, *ARGS, popen=True)
+    for line in proc.stdout:
+        if line.startswith("{'stage': 'sft', 'step': 5,"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "[rlp-engine] SIGTERM: saving a checkpoint" in err
+    found = re.fullmatch(
+        rf"rlp-engine: interrupted at stage sft step (\d+); the last checkpoint is (\S+); continue with "
+        rf"`rlp-engine train --output-dir {re.escape(str(out))} --resume`",
+        err.strip().splitlines()[-1],
+    )
+    assert found, err[-3000:]
+    step, path = int(found.group(1)), Path(found.group(2))
+    assert 5 < step < 200 and path == max((out / "resume").glob("ckpt-*"))
+    assert torch.load(path / "meta.pt", weights_only=True)["loop"]["step"] == step
+    resumed = _train(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"stage sft: resuming at step {step}" in resumed.stdout
+    assert (out / "report.json").exists()
 
 
 # ---- eval and sample of a saved run: its config, wrong directories, missing packages ----

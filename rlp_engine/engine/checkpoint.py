@@ -26,10 +26,11 @@ last `keep` complete checkpoints are kept (older ones are deleted after the new 
 Every function here is a collective under torchrun (all ranks call it in the same order); single
 process it needs no process group.
 
-Ctrl-C: under `save_on_sigint()` (the CLI's `train`, single process) the first SIGINT inside a
-training loop is held until the loop's step boundary, where `LoopCheckpoint.step_done` saves a
-checkpoint at that step and raises `Interrupted`; a SIGINT outside a loop, or a second one, raises
-KeyboardInterrupt at once (the last complete checkpoint stays the newest).
+Ctrl-C: under `save_on_sigint()` (the CLI's `train`, single process) the first SIGINT or SIGTERM
+inside a training loop is held until the loop's step boundary, where `LoopCheckpoint.step_done`
+saves a checkpoint at that step and raises `Interrupted`; one outside a loop, or a second one,
+raises KeyboardInterrupt at once (the last complete checkpoint stays the newest). `SIGINT.signum`
+says which signal it was (the CLI exits 128 + signum: 130 or 143).
 
 Fault injection for the tests: RLP_ENGINE_KILL_AT="<stage>:<step>" SIGKILLs one rank (rank 0, or
 RLP_ENGINE_KILL_RANK) right after loop step <step> (1-based count of finished steps) of <stage> and
@@ -408,11 +409,11 @@ class CheckpointStore:
             load_tensors(path, modules)
 
 
-# ---------------------------------------------------------------- Ctrl-C (SIGINT)
+# ---------------------------------------------------------------- Ctrl-C (SIGINT) and SIGTERM
 
 
 class Interrupted(Exception):
-    """SIGINT stopped the run at a training loop's step boundary, where `path` was saved."""
+    """SIGINT or SIGTERM stopped the run at a training loop's step boundary, where `path` was saved."""
 
     def __init__(self, stage: str, step: int, path: Path):
         super().__init__(f"interrupted at stage {stage} step {step}; checkpoint {path}")
@@ -421,26 +422,30 @@ class Interrupted(Exception):
 
 @dataclass
 class _Sigint:
-    """What the SIGINT handler and the training loops share (one process, its main thread)."""
+    """What the SIGINT/SIGTERM handler and the training loops share (one process, its main thread)."""
 
     installed: bool = False
-    requested: bool = False  # a SIGINT is waiting for the loop's next step boundary
+    requested: bool = False  # a SIGINT or SIGTERM is waiting for the loop's next step boundary
     armed: bool = False  # a training loop that saves at its step boundaries is running
     stage: str | None = None  # where the run is, for the message of an immediate stop
     step: int = 0
+    signum: int = 0  # the last SIGINT or SIGTERM received inside `save_on_sigint`; kept after it
 
 
 SIGINT = _Sigint()
+_HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
 def _on_sigint(signum, frame) -> None:
+    SIGINT.signum = signum
     if SIGINT.armed and not SIGINT.requested:
         SIGINT.requested = True
+        name = b"Ctrl-C" if signum == signal.SIGINT else b"SIGTERM"
         # os.write, not print: a print interrupted by this handler would raise a reentrant-call error
         os.write(
             2,
-            b"\n[rlp-engine] Ctrl-C: saving a checkpoint at the end of this step "
-            b"(Ctrl-C again stops at once, keeping the last complete checkpoint)\n",
+            b"\n[rlp-engine] " + name + b": saving a checkpoint at the end of this step "
+            b"(Ctrl-C or SIGTERM again stops at once, keeping the last complete checkpoint)\n",
         )
         return
     raise KeyboardInterrupt
@@ -448,22 +453,23 @@ def _on_sigint(signum, frame) -> None:
 
 @contextmanager
 def save_on_sigint():
-    """Within this block the first SIGINT during a training loop makes the loop save a checkpoint at
-    its next step boundary and raise `Interrupted`; elsewhere, or a second time, SIGINT raises
-    KeyboardInterrupt at once. Single process only (under torchrun the ranks would see the signal
-    at different steps and the collective save would hang): there, and off the main thread, it
-    changes nothing."""
+    """Within this block the first SIGINT or SIGTERM during a training loop makes the loop save a
+    checkpoint at its next step boundary and raise `Interrupted`; elsewhere, or a second time,
+    either raises KeyboardInterrupt at once (`SIGINT.signum` says which). Single process only
+    (under torchrun the ranks would see the signal at different steps and the collective save would
+    hang): there, and off the main thread, it changes nothing."""
     # WORLD_SIZE: torchrun's, read before the pipeline creates the process group
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or rank_and_world()[1] > 1
     if distributed or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, _on_sigint)
-    SIGINT.installed, SIGINT.requested, SIGINT.armed = True, False, False
+    previous = {s: signal.signal(s, _on_sigint) for s in _HANDLED}
+    SIGINT.installed, SIGINT.requested, SIGINT.armed, SIGINT.signum = True, False, False, 0
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         SIGINT.installed = SIGINT.requested = SIGINT.armed = False
 
 
@@ -479,7 +485,7 @@ class LoopCheckpoint:
     RNG, or None to start from step 0. After each step it calls `step_done(step, total, state)`
     with the number of finished steps; every `every` steps (not after the last one: the stage's
     end writes its own checkpoint) `state()` -> (modules, optimizers, loop state) is saved. After a
-    SIGINT (`save_on_sigint`) the next `step_done` saves at its step, the last one included (a loop
+    SIGINT or SIGTERM (`save_on_sigint`) the next `step_done` saves at its step, the last one included (a loop
     resumed there runs no step and returns as it would have), and raises `Interrupted`."""
 
     store: CheckpointStore
