@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -39,7 +39,8 @@ def mats(shape, lo=-10.0, hi=10.0):
 
 
 @st.composite
-def bt(draw, b_max=5, t_max=9, b_min=1, t_min=1):
+def bt(draw, b_max=5, t_max=9, b_min=0, t_min=0):
+    """(B, T): 0 (empty: every op here accepts it), 1, odd and even sizes."""
     return draw(st.integers(b_min, b_max)), draw(st.integers(t_min, t_max))
 
 
@@ -50,6 +51,11 @@ def masks(draw, shape):
     empty = draw(arrays(np.bool_, shape[:1], elements=st.sampled_from([False, False, True])))
     m[empty] = False
     return torch.from_numpy(m)
+
+
+def amax(x):
+    """max |x| as a float, 0 for an empty tensor."""
+    return float(x.detach().abs().max()) if x.numel() else 0.0
 
 
 def t(a, dtype, grad=False):
@@ -224,7 +230,7 @@ def agg_ref(L, m, mode):
     if mode == "token-mean":
         return zero + sum(rows) / max(sum(lens), 1.0)
     if mode == "seq-mean-token-sum-norm":
-        return zero + sum(rows) / T
+        return zero + (sum(rows) / T if T else 0.0)  # T = 0: nothing to sum
     if mode == "seq-mean-token-sum":
         return zero + sum(rows[b] for b in nonempty) / seqs
     return zero + sum(rows[b] / (lens[b] + 1e-8) for b in nonempty) / seqs  # agg_weights: row + 1e-8
@@ -281,6 +287,8 @@ def policy_ref(lp, old, adv, m, cl, ch, dual, mode):
 )
 def test_ppo_policy_loss(backend, dtype, data, mode, clip, dual):
     shape = data.draw(bt())
+    # Known bug (test_ppo_losses_empty_time_norm_mode below): T = 0 with this mode divides by zero.
+    assume(not (shape[1] == 0 and mode == "seq-mean-token-sum-norm"))
     old = data.draw(mats(shape, -30, 0))
     lp = t(old + data.draw(mats(shape, -30, 30)), dtype, grad=True)  # ratios far past the clamp
     oldt, adv = t(old, dtype), t(data.draw(mats(shape, -5, 5)), dtype)
@@ -290,7 +298,7 @@ def test_ppo_policy_loss(backend, dtype, data, mode, clip, dual):
     x = lp.detach().double().requires_grad_(True)
     want, want_met = policy_ref(x, oldt.double(), adv.double(), m, clip[0], clip[1], dual, mode)
     # exp(20) * |A| ~ 2.4e9: compare relative to the largest per-token term
-    scale = float(max(1.0, (adv.double().abs() * (x.detach() - oldt.double()).clamp(-20, 20).exp()).max()))
+    scale = max(1.0, amax(adv.double() * (x.detach() - oldt.double()).clamp(-20, 20).exp()))
     close(loss, want, dtype, scale=scale)
     for k, v in want_met.items():
         assert met[k].dtype == torch.float32 and met[k].dim() == 0
@@ -306,6 +314,8 @@ def test_ppo_policy_loss(backend, dtype, data, mode, clip, dual):
 @given(data=st.data(), mode=st.sampled_from(ops.AGG_MODES), clip=st.none() | st.floats(0, 1))
 def test_ppo_value_loss(backend, dtype, data, mode, clip):
     shape = data.draw(bt())
+    # Known bug (test_ppo_losses_empty_time_norm_mode below): T = 0 with this mode divides by zero.
+    assume(not (shape[1] == 0 and mode == "seq-mean-token-sum-norm"))
     v = t(data.draw(mats(shape)), dtype, grad=True)
     vo, R = t(data.draw(mats(shape)), dtype), t(data.draw(mats(shape)), dtype)
     m = data.draw(masks(shape))
@@ -327,6 +337,21 @@ def test_ppo_value_loss(backend, dtype, data, mode, clip):
     loss.backward()
     (gw,) = torch.autograd.grad(want, x)
     close(v.grad, gw, dtype, scale=40)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ZeroDivisionError,
+    reason="ppo_policy_loss/ppo_value_loss: T = 0 with agg='seq-mean-token-sum-norm' raises "
+    "ZeroDivisionError in row_scale (1.0 / T); agg_loss returns 0 for the same mask",
+)
+@pytest.mark.parametrize("shape", [(0, 0), (3, 0)])
+@pytest.mark.parametrize("which", ["policy", "value"])
+def test_ppo_losses_empty_time_norm_mode(shape, which):
+    x, m = torch.zeros(shape, requires_grad=True), torch.zeros(shape, dtype=torch.bool)
+    fn = ops.ppo_policy_loss if which == "policy" else ops.ppo_value_loss
+    loss = fn(x, x.detach(), x.detach(), m, agg="seq-mean-token-sum-norm")[0]
+    assert float(loss) == float(ops.agg_loss(x, m, "seq-mean-token-sum-norm")) == 0.0
 
 
 # ---- log-probs -----------------------------------------------------------------------------------
@@ -374,7 +399,7 @@ def test_logprobs_from_logits(backend, data, temperature):
 @SETTINGS
 @given(data=st.data(), temperature=st.floats(0.3, 3), with_bias=st.booleans())
 def test_fused_linear_logprobs(backend, dtype, data, temperature, with_bias):
-    N, H = data.draw(bt(7, 9))
+    N, H = data.draw(bt(7, 9, t_min=1))
     V = data.draw(st.integers(1, 70))
     h = t(data.draw(mats((N, H), -2, 2)), dtype, grad=True)
     w = t(data.draw(mats((V, H), -2, 2)), dtype, grad=True)
@@ -403,7 +428,7 @@ def skl_ref(m1, lv1, m2, lv2):
 
 
 def _skl_case(backend, dtype, data, n_max=5, d_max=9):
-    N, D = data.draw(bt(n_max, d_max))
+    N, D = data.draw(bt(n_max, d_max, t_min=1))
     raw = [data.draw(mats((N, D), *rng)) for rng in ((-10, 10), (-6, 6), (-10, 10), (-6, 6))]
     xs = [t(a, dtype, grad=True) for a in raw]
     with on(backend):
@@ -411,7 +436,7 @@ def _skl_case(backend, dtype, data, n_max=5, d_max=9):
     leaves = [x.detach().double().requires_grad_(True) for x in xs]
     want = skl_ref(*leaves)
     # SKL reaches ~(20^2 + e^6) e^6 ~ 4e5: compare relative to its size
-    scale = float(max(1.0, want.detach().abs().max()))
+    scale = max(1.0, amax(want))
     assert out.shape == want.shape
     close(out, want, torch.float32, scale=scale)  # documented: fp32 output for every input dtype
     g = torch.randn(N, dtype=torch.float64)
@@ -455,7 +480,7 @@ def test_gaussian_symmetric_kl_triton(data):
     data=st.data(), negatives=st.sampled_from(["all", "roll"]), beta=st.floats(0, 2), seed=st.integers(0, 99)
 )
 def test_multiview_ib_loss(dtype, data, negatives, beta, seed):
-    N, D = data.draw(bt(5, 6, b_min=2))
+    N, D = data.draw(bt(5, 6, b_min=2, t_min=1))
     raw = [data.draw(mats((N, D), *rng)) for rng in ((-3, 3), (-3, 3), (-3, 3), (-3, 3))]
     xs = [t(a, dtype, grad=True) for a in raw]
     A = torch.randn(D, D, dtype=dtype)
@@ -503,7 +528,7 @@ def test_multiview_ib_loss(dtype, data, negatives, beta, seed):
     eps=st.floats(0, 0.49),
 )
 def test_dpo_loss(dtype, data, loss_type, beta, eps):
-    B = data.draw(st.integers(1, 9))
+    B = data.draw(st.integers(0, 9))
     xs = [t(data.draw(mats((B,), -300, 0)), dtype, grad=True) for _ in range(4)]
     eps = eps if loss_type in ("sigmoid", "robust") else 0.0
     losses, rc, rr = ops.dpo_loss(*xs, beta=beta, loss_type=loss_type, label_smoothing=eps)
@@ -519,7 +544,7 @@ def test_dpo_loss(dtype, data, loss_type, beta, eps):
     else:
         want = (d - 1 / (2 * beta)) ** 2
     assert losses.dtype == rc.dtype == rr.dtype == dtype and not rc.requires_grad
-    scale = float(max(1.0, want.detach().abs().max()))
+    scale = max(1.0, amax(want))
     close(losses, want, dtype, scale=scale * 100)
     close(rc, beta * (pc - qc), dtype, scale=300 * beta)
     close(rr, beta * (pr - qr), dtype, scale=300 * beta)
@@ -533,13 +558,13 @@ def test_dpo_loss(dtype, data, loss_type, beta, eps):
 @SETTINGS
 @given(data=st.data(), beta=st.floats(0.01, 10), ratio=st.floats(0, 2), eps=st.floats(0, 0.49))
 def test_simpo_loss(dtype, data, beta, ratio, eps):
-    B = data.draw(st.integers(1, 9))
+    B = data.draw(st.integers(0, 9))
     xs = [t(data.draw(mats((B,), -30, 0)), dtype, grad=True) for _ in range(2)]
     losses, rc, rr = ops.simpo_loss(*xs, beta=beta, gamma_beta_ratio=ratio, label_smoothing=eps)
     c, r = leaves = [x.detach().double().requires_grad_(True) for x in xs]
     z = beta * ((c - r) - ratio)
     want = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-    scale = float(max(1.0, want.detach().abs().max()))
+    scale = max(1.0, amax(want))
     close(losses, want, dtype, scale=scale * 10)
     close(rc, beta * c, dtype, scale=30 * beta)
     close(rr, beta * r, dtype, scale=30 * beta)
