@@ -431,7 +431,12 @@ def parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value (e.g. ppo.kl_coef=0.01)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"override {text!r}: the value is not valid YAML ({err.__class__.__name__})"
+        ) from err
     # YAML reads "1e-3" as a string (it wants "1.0e-3"): accept plain float syntax too.
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
@@ -446,14 +451,16 @@ def load_config(path: str | Path | None = None, overrides=(), preset: str | None
     if path is not None:
         where = f"{path}: "
         try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
+            tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
     file_preset = tree.pop("preset", None)
     name = file_preset or preset or "default"
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"{where}preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
     cfg = TrainConfig()
     for key, value in PRESETS[name].items():

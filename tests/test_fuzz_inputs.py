@@ -129,29 +129,10 @@ override_values = st.sampled_from(
 ) | st.text(max_size=8)
 
 
-def _yaml_parses(text: str) -> bool:
-    try:
-        yaml.safe_load(text)
-    except yaml.YAMLError:
-        return False
-    return True
-
-
-def _no_known_bug_override(text: str) -> bool:
-    # Known bug (test_config_override_bad_yaml_value below): a value that is not valid YAML escapes
-    # load_config as a yaml.YAMLError. Excluded here only so the rest of the property keeps running.
-    return "=" not in text or _yaml_parses(text.split("=", 1)[1])
-
-
-def _no_known_bug_tree(tree: dict) -> bool:
-    # Known bug (test_config_unhashable_preset below): a list/mapping `preset:` raises TypeError.
-    return not isinstance(tree.get("preset"), (list, dict))
-
-
 overrides = st.lists(
-    st.tuples(st.sampled_from(KEYS) | st.text(max_size=8), st.sampled_from(["=", "", "=="]), override_values)
-    .map("".join)
-    .filter(_no_known_bug_override),
+    st.tuples(
+        st.sampled_from(KEYS) | st.text(max_size=8), st.sampled_from(["=", "", "=="]), override_values
+    ).map("".join),
     max_size=3,
 )
 
@@ -178,15 +159,14 @@ def _load(text_or_bytes, override_list):
 
 
 @SETTINGS
-@given(tree=yaml_trees.filter(_no_known_bug_tree), override_list=overrides)
+@given(tree=yaml_trees, override_list=overrides)
 def test_config_random_yaml_trees(tree, override_list):
     _load(yaml.safe_dump(tree, allow_unicode=True), override_list)
 
 
 @SETTINGS
-@given(text=st.text(max_size=40))
+@given(text=st.text(max_size=40) | st.binary(max_size=40))
 def test_config_random_file_contents(text):
-    # Text only: non-UTF-8 bytes are the known bug of test_config_file_not_utf8 below.
     _load(text, [])
 
 
@@ -199,34 +179,16 @@ def test_config_random_overrides(override_list):
         _check_config_error(err, Path("<none>"))
 
 
-# Bugs the fuzzing found (minimal examples as hypothesis printed them); strict, so a fix flags them.
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="load_config: a non-UTF-8 config file "
-    "raises UnicodeDecodeError (Path.read_text), not ConfigError naming the file",
-)
+# Bugs the fuzzing found (minimal examples as hypothesis printed them), fixed: each must give a ConfigError.
 def test_config_file_not_utf8():
     _load(b"\x80", [])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="load_config: `preset:` holding a mapping or list "
-    "raises TypeError (unhashable type) from `name not in PRESETS`, not ConfigError",
-)
 @pytest.mark.parametrize("tree", [{"preset": {"agg": None}}, {"preset": [1]}])
 def test_config_unhashable_preset(tree):
     _load(yaml.safe_dump(tree), [])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=yaml.YAMLError,
-    reason="parse_override: yaml.safe_load of the value "
-    "is not guarded: invalid YAML raises yaml.YAMLError, not ConfigError naming the override",
-)
 @pytest.mark.parametrize("text", ["model.path==", "model.path=: :", "model.path==\x1f", "ppo.kl_coef=["])
 def test_config_override_bad_yaml_value(text):
     try:

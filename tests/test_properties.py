@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -288,8 +288,6 @@ def policy_ref(lp, old, adv, m, cl, ch, dual, mode):
 )
 def test_ppo_policy_loss(backend, dtype, data, mode, clip, dual):
     shape = data.draw(bt())
-    # Known bug (test_ppo_losses_empty_time_norm_mode below): T = 0 with this mode divides by zero.
-    assume(not (shape[1] == 0 and mode == "seq-mean-token-sum-norm"))
     old = data.draw(mats(shape, -30, 0))
     lp = t(old + data.draw(mats(shape, -30, 30)), dtype, grad=True)  # ratios far past the clamp
     oldt, adv = t(old, dtype), t(data.draw(mats(shape, -5, 5)), dtype)
@@ -322,8 +320,6 @@ def test_ppo_policy_loss(backend, dtype, data, mode, clip, dual):
 @given(data=st.data(), mode=st.sampled_from(ops.AGG_MODES), clip=st.none() | st.floats(0, 1))
 def test_ppo_value_loss(backend, dtype, data, mode, clip):
     shape = data.draw(bt())
-    # Known bug (test_ppo_losses_empty_time_norm_mode below): T = 0 with this mode divides by zero.
-    assume(not (shape[1] == 0 and mode == "seq-mean-token-sum-norm"))
     v = t(data.draw(mats(shape)), dtype, grad=True)
     vo, R = t(data.draw(mats(shape)), dtype), t(data.draw(mats(shape)), dtype)
     m = data.draw(masks(shape))
@@ -352,12 +348,7 @@ def test_ppo_value_loss(backend, dtype, data, mode, clip):
     close(v.grad[smooth], gw[smooth], dtype, scale=40)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ZeroDivisionError,
-    reason="ppo_policy_loss/ppo_value_loss: T = 0 with agg='seq-mean-token-sum-norm' raises "
-    "ZeroDivisionError in row_scale (1.0 / T); agg_loss returns 0 for the same mask",
-)
+# found by this file: T = 0 with seq-mean-token-sum-norm divided by zero in row_scale (fixed)
 @pytest.mark.parametrize("shape", [(0, 0), (3, 0)])
 @pytest.mark.parametrize("which", ["policy", "value"])
 def test_ppo_losses_empty_time_norm_mode(shape, which):
@@ -467,11 +458,7 @@ def test_gaussian_symmetric_kl(backend, dtype, data):
     _skl_case(backend, dtype, data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gaussian_symmetric_kl documents a fp32 result for any input dtype; with fp64 inputs the "
-    "cpp (default CPU) backend returns fp32 but the torch backend returns fp64: backends disagree",
-)
+# found by this file: with fp64 inputs the torch backend returned fp64, the cpp one fp32 (fixed)
 def test_gaussian_symmetric_kl_fp64_dtype_same_on_backends():
     xs = [torch.rand(2, 3, dtype=torch.float64) for _ in range(4)]
     dts = set()

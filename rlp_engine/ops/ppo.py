@@ -44,7 +44,8 @@ def row_scale(
     elif agg == "token-mean":
         s = dp_size / (n_tokens.clamp_min(1.0) if batch_num_tokens is None else batch_num_tokens)
     elif agg == "seq-mean-token-sum-norm":
-        s = 1.0 / (T if loss_scale_factor is None else loss_scale_factor)
+        # max(T, 1): with T = 0 there is no loss to scale (agg_loss gives 0 there too)
+        s = 1.0 / (max(T, 1) if loss_scale_factor is None else loss_scale_factor)
     else:
         seqs = (rows > 0).sum(dtype=dtype).clamp_min(1.0) if global_batch_size is None else global_batch_size
         s = dp_size / seqs
