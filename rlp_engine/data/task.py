@@ -30,9 +30,6 @@ from typing import Protocol
 
 from rlp_engine.data.records import Example, Preference
 
-# responder(prompts) -> two responses per prompt (the SFT policy's samples, AlpacaFarm's D)
-Responder = Callable[[list[str]], list[tuple[str, str]]]
-
 
 class Task(Protocol):
     """What the pipeline asks of a task with a gold reward (see `ReverseTask` for one)."""
@@ -232,14 +229,9 @@ class ArithmeticTask:
         out = []
         while len(out) < n:
             p = self._train_prompts(1, rng)[0]
-            y1, y2 = self.candidate(p, rng), self.candidate(p, rng)
-            if y1 == y2:
-                continue
-            g1, g2 = gold_score(p, y1), gold_score(p, y2)
-            first = rng.random() < 0.5 if g1 == g2 else g1 > g2
-            if rng.random() < label_noise:
-                first = not first
-            out.append(Preference(p, y1, y2) if first else Preference(p, y2, y1))
+            pair = annotate(gold_score, p, self.candidate(p, rng), self.candidate(p, rng), label_noise, rng)
+            if pair is not None:  # identical candidates give no pair
+                out.append(pair)
         return out
 
     def unlabeled_prompts(self, n: int, seed: int) -> list[str]:
