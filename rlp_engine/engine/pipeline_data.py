@@ -48,9 +48,10 @@ def preference_sets(run, data: TaskData, tokenizer, policy):
     return prefs, heldout
 
 
-# Which reward model each policy was optimised against (its "proxy reward").
-PROXY_OF = {"sft": "rm", "ppo": "rm", "ppo_oracle": "rm", "rlp_uml": "rm_uml", "rlp_spg": "rm_spg"}
-PROXY_OF.update({"rlp_uml_spg": "rm_uml_spg", **{f"rlp_spg_r{k}": f"rm_spg_r{k}" for k in range(2, 10)}})
+def proxy_of(policy: str) -> str:
+    """The reward model `policy` was optimised against: "rm" for SFT, PPO and the oracle (its critic's
+    RM), "rm_<variant>" for "rlp_<variant>" (rlp_uml -> rm_uml, rlp_spg_r2 -> rm_spg_r2)."""
+    return "rm_" + policy[len("rlp_") :] if policy.startswith("rlp_") else "rm"
 
 
 def _reference(data: TaskData, prompts: list[str], n: int, noise: float, seed: int):
@@ -75,7 +76,7 @@ def evaluate_all(run, data: TaskData, tokenizer, policies: dict, rms: dict) -> d
         cfg.data,
         data.gold,
         reference=reference,
-        proxy_of=PROXY_OF,
+        proxy_of={name: proxy_of(name) for name in policies},
         paired_against={name: "ppo" for name in policies if name not in ("sft", "ppo")},
         heldout_pairs=run.heldout_pairs or None,
         seed=cfg.run.seed,
