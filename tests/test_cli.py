@@ -198,6 +198,17 @@ def _train(out: Path, *args: str, popen: bool = False):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _signal_at_sft_step_5(out: Path, signum: int) -> tuple[int, str]:
+    """A tiny run sent `signum` once SFT has logged step 5: (exit code, stderr)."""
+    proc = _train(out, *ARGS, popen=True)
+    for line in proc.stdout:
+        if line.startswith("{'stage': 'sft', 'step': 5,"):
+            proc.send_signal(signum)
+            break
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
 def _outcome(out: Path) -> tuple[dict, list]:
     weights = {
         str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -213,13 +224,8 @@ def test_sigint_during_train_saves_the_step_and_resume_finishes_bit_identical(tm
     rerun and a resume with another config are refused, saying what to do), and --resume finishes
     with the weights and metrics of an uninterrupted run."""
     out = tmp_path / "run"
-    proc = _train(out, *ARGS, popen=True)
-    for line in proc.stdout:
-        if line.startswith("{'stage': 'sft', 'step': 5,"):
-            proc.send_signal(signal.SIGINT)
-            break
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-3000:]
+    code, err = _signal_at_sft_step_5(out, signal.SIGINT)
+    assert code == 130, err[-3000:]
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     found = re.fullmatch(
@@ -256,13 +262,8 @@ def test_sigterm_during_train_saves_the_step_exits_143_and_resume_finishes(tmp_p
     """SIGTERM (what a job scheduler or `kill` sends) behaves as Ctrl-C: the step is saved, the same
     one line is printed, the exit code is 143 (128 + 15), and --resume finishes the run."""
     out = tmp_path / "run"
-    proc = _train(out, *ARGS, popen=True)
-    for line in proc.stdout:
-        if line.startswith("{'stage': 'sft', 'step': 5,"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143, err[-3000:]
+    code, err = _signal_at_sft_step_5(out, signal.SIGTERM)
+    assert code == 143, err[-3000:]
     assert "Traceback" not in err and "[rlp-engine] SIGTERM: saving a checkpoint" in err
     found = re.fullmatch(
         rf"rlp-engine: interrupted at stage sft step (\d+); the last checkpoint is (\S+); continue with "
