@@ -28,13 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rlp_engine.config import ConfigError, load_config, to_dict
-from rlp_engine.report import policy_name, rm_name
+from rlp_engine.pipeline.report import policy_name, rm_name
 from rlp_engine.stats import json_safe, seed_summary
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINES = ("sft", "ppo")  # the policies every other one is paired against, seed by seed
 PER_SEED = ("run.seed", "run.output_dir")  # set by the bench for each seed
-# run.* keys that do not change what a run computes (rlp_engine.engine.pipeline.RESUME_FREE): a
+# run.* keys that do not change what a run computes (rlp_engine.pipeline.run.RESUME_FREE): a
 # finished seed whose config differs only in these still belongs to this bench.
 RUN_FREE = {"threads", "progress", "tensorboard", "dist_timeout_s", "checkpoint_every", "keep_checkpoints"}
 RUN_FREE |= {"device", "output_dir", "seed"}

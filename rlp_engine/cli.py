@@ -126,7 +126,7 @@ def _interrupted(cfg, err: BaseException) -> int:
 
 
 def _train(args, cfg) -> int:
-    from rlp_engine.data.prepare import check_limits, check_paths
+    from rlp_engine.pipeline.inputs import check_limits, check_paths
 
     if args.output_dir:
         cfg.run.output_dir = args.output_dir
@@ -140,7 +140,7 @@ def _train(args, cfg) -> int:
     from rlp_engine.engine.checkpoint import Interrupted, save_on_sigint
     from rlp_engine.engine.distributed import finish
     from rlp_engine.engine.guards import NonFiniteError
-    from rlp_engine.engine.pipeline import run_pipeline
+    from rlp_engine.pipeline.run import run_pipeline
 
     try:
         with save_on_sigint():
@@ -188,8 +188,8 @@ def _check_checkpoints(args) -> None:
     """--policy is a policy checkpoint and --reward-model a reward-model one; else one error naming
     the argument and what such a checkpoint holds, listing the checkpoints of a run directory given
     in place of one. Before the slow loads: a wrong directory fails without a traceback."""
-    from rlp_engine.data.prepare import ModelError
     from rlp_engine.models.heads import HEAD_FILE
+    from rlp_engine.models.paths import ModelError
 
     holds = {
         "policy": "config.json, model.safetensors and tokenizer.json",
@@ -243,7 +243,7 @@ def _load_saved(args, cfg):
 
 def _eval(args, cfg) -> int:
     from rlp_engine.data.build import build_data
-    from rlp_engine.engine.evaluate import evaluate_policy
+    from rlp_engine.pipeline.evaluate import evaluate_policy
 
     data = build_data(cfg.data, seed=cfg.run.seed)
     tokenizer, policy, rm = _load_saved(args, cfg)
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
         if saved.is_file():
             args.config = str(saved)  # the run's own config; overrides still apply on top
     if args.command in ("eval", "sample"):
-        from rlp_engine.data.prepare import INPUT_ERRORS
+        from rlp_engine.pipeline.inputs import INPUT_ERRORS
 
         try:
             _check_checkpoints(args)  # a wrong directory: one line, before the config is read
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"rlp-engine: config error: {err}", file=sys.stderr)
         return 2
-    from rlp_engine.data.prepare import INPUT_ERRORS
+    from rlp_engine.pipeline.inputs import INPUT_ERRORS
 
     handlers = {"train": _train, "eval": _eval, "sample": _sample}
     try:

@@ -21,7 +21,7 @@ import tiny
 import torch
 
 from rlp_engine import ops
-from rlp_engine.engine.batch import SeqBatch
+from rlp_engine.data.batch import SeqBatch
 from rlp_engine.engine.distributed import all_reduce_grads, check_replicas, finish, init_distributed, shard
 from rlp_engine.engine.fsdp import (
     broadcast_module,

@@ -2,7 +2,7 @@
 (issue 6 item 3): malformed JSONL, missing fields, empty data sets, prompts over
 data.max_prompt_tokens (truncate / drop / error, counted), tokenizers without a pad token, a model
 path that does not exist, unknown or ill-typed config keys. Most cases call
-`rlp_engine.data.prepare.prepare_inputs`, the one entry point the pipeline runs before it creates
+`rlp_engine.pipeline.inputs.prepare_inputs`, the one entry point the pipeline runs before it creates
 its output directory; the CLI tests check exit code 2, the message on stderr and that nothing was
 written. Every CLI run sets RLP_ENGINE_FAIL_AT=sft:0, so a bad input that reached training fails
 the test at once instead of training."""
@@ -18,8 +18,10 @@ import torch
 from rlp_engine.cli import main
 from rlp_engine.config import ConfigError, load_config
 from rlp_engine.data import DataError
+from rlp_engine.data.batch import encode_prompts, encode_responses
 from rlp_engine.data.build import Source, build_data
-from rlp_engine.data.prepare import (
+from rlp_engine.models.loading import load_tokenizer, train_byte_tokenizer
+from rlp_engine.pipeline.inputs import (
     ModelError,
     apply_long_prompts,
     check_paths,
@@ -27,8 +29,6 @@ from rlp_engine.data.prepare import (
     prepare_inputs,
     resolve_model_path,
 )
-from rlp_engine.engine.batch import encode_prompts, encode_responses
-from rlp_engine.models.loading import load_tokenizer, train_byte_tokenizer
 
 
 def _write(path, rows):
@@ -316,7 +316,7 @@ def test_missing_paths_fail_before_torch_is_imported(tmp_path):
     code = (
         "import sys\n"
         "from rlp_engine.config import load_config\n"
-        "from rlp_engine.data.prepare import check_paths\n"
+        "from rlp_engine.pipeline.inputs import check_paths\n"
         f"cfg = load_config(overrides=['model.path={tmp_path / 'nope'}'])\n"
         "try:\n"
         "    check_paths(cfg)\n"

@@ -154,7 +154,7 @@ def test_build_data_sources_name_file_lines_and_embedded_keys(tmp_path):
 def test_chat_template_prompts_are_token_ids():
     """transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True): the ids, not
     the mapping, must come out (the SmolLM2 config runs with data.chat_template=true)."""
-    from rlp_engine.engine.batch import encode_prompts
+    from rlp_engine.data.batch import encode_prompts
     from rlp_engine.models.loading import load_tokenizer
 
     tok = load_tokenizer(load_config(preset="tiny").model, texts=["12+7=19"])
@@ -172,7 +172,7 @@ def test_tokenize_prompts_batched_equals_one_by_one_and_cut_keeps_the_end():
     """Prompts are tokenised in one batched call: the ids must equal one call per prompt."""
     import random
 
-    from rlp_engine.engine.batch import encode_prompts, tokenize_prompts
+    from rlp_engine.data.batch import encode_prompts, tokenize_prompts
     from rlp_engine.models.loading import train_byte_tokenizer
 
     rng = random.Random(1234)

@@ -16,7 +16,8 @@ from rlp_engine.algos.reward import preference_accuracy
 from rlp_engine.config import load_config
 from rlp_engine.data.records import Preference
 from rlp_engine.data.task import eval_prompt, gold_score
-from rlp_engine.engine.evaluate import (
+from rlp_engine.models import ScalarHeadModel, tiny_llama
+from rlp_engine.pipeline.evaluate import (
     evaluate_policies,
     evaluate_policy,
     gold_annotator,
@@ -25,7 +26,6 @@ from rlp_engine.engine.evaluate import (
     sample_policy,
     win_rates,
 )
-from rlp_engine.models import ScalarHeadModel, tiny_llama
 
 PROMPTS = ["2+3=", "1+1=", "4+5=", "3+3=", "0+7=", "6+2=", "5+4=", "1+8="]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlp_engine.config import ModelConfig, load_config
-from rlp_engine.engine.batch import make_batch
+from rlp_engine.data.batch import make_batch
 from rlp_engine.engine.generate import response_mask_from_eos, sample
 from rlp_engine.models import (
     ScalarHeadModel,

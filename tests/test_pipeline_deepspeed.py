@@ -115,8 +115,8 @@ def _max_diff(a: dict, b: dict) -> float:
 def _initial_policy() -> dict[str, torch.Tensor]:
     """The SFT stage's starting weights, built as the pipeline builds them (seeded the same)."""
     from rlp_engine.config import load_config
-    from rlp_engine.data.prepare import prepare_inputs
-    from rlp_engine.engine.pipeline import _setup
+    from rlp_engine.pipeline.inputs import prepare_inputs
+    from rlp_engine.pipeline.run import _setup
 
     cfg = load_config(None, SMALL, preset="tiny")
     _setup(cfg)

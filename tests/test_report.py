@@ -1,7 +1,7 @@
 """report.md from evaluate_policies' structure (figures with SEs, paired differences, RM table), from
 the older structure without SEs, and display names of policies beyond the four of the paper."""
 
-from rlp_engine.report import policy_name, render_markdown, rm_name
+from rlp_engine.pipeline.report import policy_name, render_markdown, rm_name
 
 
 def _policy(gold, se, diffs=None, win=None, proxy=0.25):

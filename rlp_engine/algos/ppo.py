@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from rlp_engine import ops
+from rlp_engine.data.batch import SeqBatch
 from rlp_engine.engine import deepspeed_backend
-from rlp_engine.engine.batch import SeqBatch
 from rlp_engine.engine.checkpoint import LoopCheckpoint
 from rlp_engine.engine.distributed import rank_and_world, shard
 from rlp_engine.engine.fsdp import load_full_weights, prepare_for_training

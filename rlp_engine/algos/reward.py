@@ -9,9 +9,9 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
+from rlp_engine.data.batch import Encoded, SeqBatch, join, make_batch, pad_left, pad_right
 from rlp_engine.data.records import Preference
 from rlp_engine.engine import deepspeed_backend
-from rlp_engine.engine.batch import Encoded, SeqBatch, join, make_batch, pad_left, pad_right
 from rlp_engine.engine.checkpoint import LoopCheckpoint, generator_states, set_generator_states
 from rlp_engine.engine.distributed import rank_and_world, shard
 from rlp_engine.engine.fsdp import load_full_weights, prepare_for_training

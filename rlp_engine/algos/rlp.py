@@ -20,9 +20,9 @@ import torch
 
 from rlp_engine import ops
 from rlp_engine.algos.reward import score_texts, train_reward_model
+from rlp_engine.data.batch import Encoded
 from rlp_engine.data.records import Preference
 from rlp_engine.data.task import extract_answer
-from rlp_engine.engine.batch import Encoded
 from rlp_engine.engine.distributed import gather_lists, shard
 from rlp_engine.engine.generate import sample
 from rlp_engine.models.heads import GaussianEncoder, ScalarHeadModel

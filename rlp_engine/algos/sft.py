@@ -12,9 +12,9 @@ from dataclasses import asdict
 import torch
 
 from rlp_engine import ops
+from rlp_engine.data.batch import Encoded, SeqBatch
 from rlp_engine.data.records import Example
 from rlp_engine.engine import deepspeed_backend
-from rlp_engine.engine.batch import Encoded, SeqBatch
 from rlp_engine.engine.checkpoint import LoopCheckpoint
 from rlp_engine.engine.distributed import shard
 from rlp_engine.engine.fsdp import load_full_weights, prepare_for_training

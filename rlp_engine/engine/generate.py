@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlp_engine.engine.batch import SeqBatch, encode_prompts, join, pad_left
+from rlp_engine.data.batch import SeqBatch, encode_prompts, join, pad_left
 from rlp_engine.engine.generator import Generator, SamplingConfig
 
 

@@ -1,17 +1,26 @@
-"""Models: HF causal LMs (local directory, GGUF, or a tiny Llama), scalar heads, UML encoder."""
+"""Models: HF causal LMs (local directory, GGUF, or a tiny Llama), scalar heads, UML encoder.
 
-from rlp_engine.models.heads import GaussianEncoder, ScalarHeadModel, last_token_index, position_ids
-from rlp_engine.models.loading import load_policy, load_tokenizer, tiny_llama, train_byte_tokenizer
-from rlp_engine.models.policy import response_logprobs
+The names below load on first use (PEP 562): `rlp_engine.models.paths` must import without torch or
+transformers (the CLI checks model.path with it in milliseconds), and importing it runs this file."""
 
-__all__ = [
-    "GaussianEncoder",
-    "ScalarHeadModel",
-    "last_token_index",
-    "load_policy",
-    "load_tokenizer",
-    "position_ids",
-    "response_logprobs",
-    "tiny_llama",
-    "train_byte_tokenizer",
-]
+import importlib
+
+_WHERE = {
+    "GaussianEncoder": "heads",
+    "ScalarHeadModel": "heads",
+    "last_token_index": "heads",
+    "position_ids": "heads",
+    "load_policy": "loading",
+    "load_tokenizer": "loading",
+    "tiny_llama": "loading",
+    "train_byte_tokenizer": "loading",
+    "response_logprobs": "policy",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'rlp_engine.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"rlp_engine.models.{_WHERE[name]}"), name)

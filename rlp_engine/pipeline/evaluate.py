@@ -17,6 +17,7 @@ model scoring every distinct (prompt, response) once:
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlp_engine.algos.reward import preference_accuracy, score_texts
+from rlp_engine.data.build import TaskData
 from rlp_engine.data.records import Preference
 from rlp_engine.engine.generate import sample
 from rlp_engine.stats import (
@@ -394,3 +396,38 @@ def evaluate_policies(
         },
     }
     return json_safe(report)
+
+
+def proxy_of(policy: str) -> str:
+    """The reward model `policy` was optimised against: "rm" for SFT, PPO and the oracle (its critic's
+    RM), "rm_<variant>" for "rlp_<variant>" (rlp_uml -> rm_uml, rlp_spg_r2 -> rm_spg_r2)."""
+    return "rm_" + policy[len("rlp_") :] if policy.startswith("rlp_") else "rm"
+
+
+def _reference(data: TaskData, prompts: list[str], n: int, noise: float, seed: int):
+    """The demonstrator that wrote the SFT data, `n` responses per eval prompt: the fixed reference
+    of the win-rates (the paper compares with text-davinci-003)."""
+    if data.task is None or not hasattr(data.task, "demonstrate"):
+        return None
+    rng = random.Random(seed * 7919 + 17)
+    return {p: [data.task.demonstrate(p, rng, noise) for _ in range(n)] for p in prompts}
+
+
+def evaluate_all(run, data: TaskData, tokenizer, policies: dict, rms: dict) -> dict:
+    cfg = run.cfg
+    prompts = data.eval_prompts[: cfg.eval.num_prompts]
+    reference = _reference(data, prompts, cfg.eval.samples_per_prompt, cfg.data.sft_noise, cfg.run.seed)
+    return evaluate_policies(
+        policies,
+        rms,
+        tokenizer,
+        prompts,
+        cfg.eval,
+        cfg.data,
+        data.gold,
+        reference=reference,
+        proxy_of={name: proxy_of(name) for name in policies},
+        paired_against={name: "ppo" for name in policies if name not in ("sft", "ppo")},
+        heldout_pairs=run.heldout_pairs or None,
+        seed=cfg.run.seed,
+    )

@@ -1,0 +1,256 @@
+"""The pipeline's stages (Algorithm 1 of RLP): SFT -> D from SFT samples -> reward model -> PPO
+(and the oracle PPO) -> sample P -> RLP-UML / RLP-SPG reward models -> PPO, over rounds. Each stage is
+an explicit call of a recipe inside `run.stage(name)` (pipeline/run.py: timing, checkpoint, resume)."""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import TYPE_CHECKING
+
+from rlp_engine.algos.ppo import ppo
+from rlp_engine.algos.reward import train_reward_model
+from rlp_engine.algos.rlp import rlp_spg, rlp_uml, sample_policy
+from rlp_engine.algos.sft import sft
+from rlp_engine.config import ConfigError, TrainConfig
+from rlp_engine.data.build import TaskData
+from rlp_engine.data.task import annotate, label_pairs
+from rlp_engine.engine.generate import sample
+from rlp_engine.models.heads import GaussianEncoder, ScalarHeadModel
+
+if TYPE_CHECKING:
+    from rlp_engine.pipeline.run import Run
+
+STAGES = ("sft", "rm", "ppo", "oracle", "uml", "spg", "uml_spg")
+
+
+def stage_names(cfg: TrainConfig) -> set[str]:
+    if cfg.run.stages == "all":
+        return set(STAGES)
+    chosen = {s.strip() for s in cfg.run.stages.split(",") if s.strip()}
+    unknown = chosen - set(STAGES)
+    if unknown:
+        raise ConfigError(f"run.stages: unknown stages {sorted(unknown)}; expected a subset of {STAGES}")
+    return chosen | {"sft", "rm", "ppo"}  # RLP refines the reward model of a PPO run
+
+
+def _sample_pairs(run, policy, tokenizer, prompts: list[str], n: int) -> list[list[str]]:
+    """`n` samples of `policy` per prompt (run.cfg.sample's temperature), grouped per prompt."""
+    cfg = run.cfg
+    s = sample(policy, tokenizer, prompts, cfg.sample, cfg.data, n=n, batch_size=cfg.eval.batch_size)
+    return [s.responses[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def preference_sets(run, data: TaskData, tokenizer, policy):
+    """(D, held-out pairs). D: data.pref_prompts' SFT-sample pairs labelled by the task's annotator
+    with data.label_noise (None when D came from the task or JSONL). Held-out: pairs (0, 1), (2, 3)
+    of 4 SFT samples per eval prompt, labelled by gold without noise, gold ties dropped (None
+    without gold): the RM's accuracy on the distribution of D, on prompts it never saw."""
+    cfg = run.cfg
+    prefs = heldout = None
+    if data.pref_prompts:
+        groups = _sample_pairs(run, policy, tokenizer, data.pref_prompts, 2)
+        prefs = label_pairs(
+            data.task, data.pref_prompts, [tuple(g) for g in groups], cfg.data.label_noise, cfg.run.seed
+        )
+        dropped = len(data.pref_prompts) - len(prefs)
+        run.say(f"D: {len(prefs)} labelled pairs of SFT samples ({dropped} identical dropped)")
+        if not prefs:
+            raise ConfigError("data.num_pref: every pair of SFT samples was identical; D is empty")
+    if data.gold is not None:
+        prompts = data.eval_prompts[: cfg.eval.num_prompts]
+        groups = _sample_pairs(run, policy, tokenizer, prompts, 4)
+        rng = random.Random(0)
+        heldout = []
+        for p, g in zip(prompts, groups):
+            for a, b in ((g[0], g[1]), (g[2], g[3])):
+                if data.gold(p, a) != data.gold(p, b):
+                    heldout.append(annotate(data.gold, p, a, b, 0.0, rng))
+    return prefs, heldout
+
+
+def _reward_model(policy, device, latent_dim: int | None = None) -> ScalarHeadModel:
+    """A reward model shaped like the pipeline's (SFT backbone + head, UML encoder when latent_dim):
+    the template a finished stage's saved weights load into on resume."""
+    rm = ScalarHeadModel.from_causal_lm(policy)
+    if latent_dim is not None:
+        rm.encoder = GaussianEncoder(rm.head.in_features, latent_dim)
+    return rm.to(device)
+
+
+def _ppo_stage(run: Run, name: str, policy, reward_model, tokenizer, prompts: list[str], reward_fn=None):
+    """The PPO stage `name` from the SFT `policy` against `reward_model` (or `reward_fn`, see `ppo`);
+    returns the trained actor (a finished stage: a copy of `policy` holding its saved actor weights)."""
+    with run.stage(name) as st:
+        if st.done:
+            actor = copy.deepcopy(policy)
+        else:
+            cfg = run.cfg
+            actor = ppo(
+                policy,
+                reward_model,
+                tokenizer,
+                prompts,
+                cfg.ppo,
+                cfg.data,
+                reward_fn=reward_fn,
+                **run.ppo_kwargs(st),
+            )
+        st.keep({"actor": actor}, export=actor, tokenizer=tokenizer)
+    return actor
+
+
+def _equivalence(name: str, data: TaskData):
+    """spg.equivalence "answer": the task's own answer(response) (each response without one is its
+    own cluster); other names are rlp_spg's built-in keys."""
+    if name != "answer":
+        return name
+    if data.task is None:
+        return "exact"
+
+    def key(response: str, index: int):
+        answer = data.task.answer(response)
+        return ("answer", answer) if answer is not None else ("none", index)
+
+    return key
+
+
+def _round(k: int) -> str:
+    """Name suffix of RLP round k: "" for the first, "_r2", "_r3", ... after."""
+    return "" if k == 1 else f"_r{k}"
+
+
+def _sample_stage(run: Run, name: str, policy, tokenizer, prompts: list[str]):
+    """Stage `name`: the set P, sample.n responses of `policy` to each of the first
+    sample.num_prompts prompts (a finished stage: its saved samples)."""
+    cfg = run.cfg
+    with run.stage(name) as st:
+        samples = None
+        if not st.done:
+            samples = sample_policy(
+                policy, tokenizer, prompts[: cfg.sample.num_prompts], cfg.sample, cfg.data, run.throughput
+            )
+        return st.keep({}, {"samples": samples})["samples"]
+
+
+def _spg_stage(run: Run, data: TaskData, tokenizer, policy, ranker, samples, tag: str):
+    """Stage rm_spg<tag>: RLP-SPG's reward model from the SFT `policy` on D + synthetic pairs from
+    `samples` (y_w ranked by `ranker`). Returns (reward model, synthetic pairs, statistics)."""
+    cfg = run.cfg
+    with run.stage(f"rm_spg{tag}") as st:
+        synthetic, stats = [], None
+        if st.done:
+            rm = _reward_model(policy, run.device).eval()
+        else:
+            rm, synthetic, stats = rlp_spg(
+                policy,
+                ranker,
+                tokenizer,
+                data.preferences,
+                samples,
+                cfg.spg,
+                cfg.data,
+                equivalence=_equivalence(cfg.spg.equivalence, data),
+                **run.train_kwargs(st),
+            )
+            if data.gold is not None and synthetic:
+                g = [(data.gold(p.prompt, p.chosen), data.gold(p.prompt, p.rejected)) for p in synthetic]
+                stats["synthetic_pair_gold_acc"] = sum(w > lo for w, lo in g) / len(g)
+                stats["synthetic_pair_gold_ties"] = sum(w == lo for w, lo in g) / len(g)
+        rm.requires_grad_(False)
+        out = st.keep({"rm": rm}, {"stats": stats, "synthetic": synthetic}, rm, tokenizer)
+    return rm, out["synthetic"], out["stats"]
+
+
+def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, dict]:
+    """Stages 1-6. Returns (policies, reward models, extra info) keyed by name. A resumed run loads
+    the outputs of the stages it had finished and continues the one it was inside."""
+    cfg = run.cfg
+    stages = stage_names(cfg)
+    with run.stage("sft") as st:
+        if not st.done:
+            sft(policy, tokenizer, data.sft, cfg.sft, cfg.data, **run.train_kwargs(st))
+        policy.eval()
+        st.keep({"policy": policy}, export=policy, tokenizer=tokenizer)
+    with run.stage("pref") as st:
+        # AlpacaFarm's D: two samples of the SFT policy per prompt, labelled by the simulated annotator;
+        # and, for the held-out RM accuracy, gold-labelled pairs of SFT samples on the eval prompts
+        prefs = heldout = None
+        if not st.done:
+            prefs, heldout = preference_sets(run, data, tokenizer, policy)
+        got = st.keep({}, {"preferences": prefs, "heldout": heldout})
+        if got["preferences"] is not None:
+            data.preferences = got["preferences"]
+        run.heldout_pairs = got["heldout"]
+    with run.stage("rm") as st:
+        rm = _reward_model(policy, run.device)
+        if not st.done:
+            train_reward_model(rm, tokenizer, data.preferences, cfg.rm, cfg.data, **run.train_kwargs(st))
+        rm.eval().requires_grad_(False)
+        st.keep({"rm": rm}, export=rm, tokenizer=tokenizer)
+    policies, rms, info = {"sft": policy}, {"rm": rm}, {}
+    prompts = data.prompts
+    policies["ppo"] = _ppo_stage(run, "ppo", policy, rm, tokenizer, prompts)
+    if "oracle" in stages and data.gold is not None:
+        # the ceiling of the testbed: PPO against the gold reward itself (critic initialised from rm)
+        def gold_reward(ps, rs):
+            return [data.gold(p, r) for p, r in zip(ps, rs)]
+
+        policies["ppo_oracle"] = _ppo_stage(run, "ppo_oracle", policy, rm, tokenizer, prompts, gold_reward)
+    if not stages & {"uml", "spg", "uml_spg"}:
+        return policies, rms, info
+    samples = _sample_stage(run, "sample", policies["ppo"], tokenizer, prompts)
+    if "uml" in stages:
+        with run.stage("rm_uml") as st:
+            if st.done:
+                rms["rm_uml"] = _reward_model(policy, run.device, cfg.uml.latent_dim).eval()
+            else:
+                rms["rm_uml"] = rlp_uml(
+                    policy, tokenizer, data.preferences, samples, cfg.uml, cfg.data, **run.train_kwargs(st)
+                )
+            rms["rm_uml"].requires_grad_(False)
+            # the information-bottleneck term on held-out view pairs: MI above -2 ln 2 = -1.386 and
+            # mu_std not tiny against mu_norm mean it carries information (it collapsed at beta 1)
+            diag = getattr(rms["rm_uml"], "uml_diagnostics", None)
+            info["uml"] = st.keep({"rm": rms["rm_uml"]}, {"heldout": diag}, rms["rm_uml"], tokenizer)[
+                "heldout"
+            ]
+        policies["rlp_uml"] = _ppo_stage(run, "ppo_uml", policy, rms["rm_uml"], tokenizer, prompts)
+    synthetic = []
+    if stages & {"spg", "uml_spg"}:
+        rms["rm_spg"], synthetic, info["spg"] = _spg_stage(run, data, tokenizer, policy, rm, samples, "")
+        policies["rlp_spg"] = _ppo_stage(run, "ppo_spg", policy, rms["rm_spg"], tokenizer, prompts)
+    if "uml_spg" in stages:
+        # both refinements at once: Bradley-Terry on D + the SPG pairs, + lam * L_M on P
+        with run.stage("rm_uml_spg") as st:
+            if st.done:
+                rms["rm_uml_spg"] = _reward_model(policy, run.device, cfg.uml.latent_dim).eval()
+            else:
+                rms["rm_uml_spg"] = rlp_uml(
+                    policy,
+                    tokenizer,
+                    data.preferences + synthetic,
+                    samples,
+                    cfg.uml,
+                    cfg.data,
+                    **run.train_kwargs(st),
+                )
+            rms["rm_uml_spg"].requires_grad_(False)
+            st.keep({"rm": rms["rm_uml_spg"]}, export=rms["rm_uml_spg"], tokenizer=tokenizer)
+        policies["rlp_uml_spg"] = _ppo_stage(
+            run, "ppo_uml_spg", policy, rms["rm_uml_spg"], tokenizer, prompts
+        )
+    if "spg" in stages:
+        # rlp.rounds > 1: sample P again from the latest RLP-SPG policy and refine again (ranked by the
+        # latest refined RM), PPO again from SFT
+        for k in range(2, cfg.rlp.rounds + 1):
+            last, tag = f"rlp_spg{_round(k - 1)}", _round(k)
+            fresh = _sample_stage(run, f"sample{tag}", policies[last], tokenizer, prompts)
+            ranker = rms[f"rm_spg{_round(k - 1)}"]
+            rms[f"rm_spg{tag}"], _, info[f"spg{tag}"] = _spg_stage(
+                run, data, tokenizer, policy, ranker, fresh, tag
+            )
+            policies[f"rlp_spg{tag}"] = _ppo_stage(
+                run, f"ppo_spg{tag}", policy, rms[f"rm_spg{tag}"], tokenizer, prompts
+            )
+    return policies, rms, info
