@@ -32,10 +32,10 @@ saves a checkpoint at that step and raises `Interrupted`; one outside a loop, or
 raises KeyboardInterrupt at once (the last complete checkpoint stays the newest). `SIGINT.signum`
 says which signal it was (the CLI exits 128 + signum: 130 or 143).
 
-Fault injection for the tests: RLP_ENGINE_KILL_AT="<stage>:<step>" SIGKILLs one rank (rank 0, or
-RLP_ENGINE_KILL_RANK) right after loop step <step> (1-based count of finished steps) of <stage> and
-its checkpoint, if any, is written; "<stage>:<step>:saving" kills it in the middle of writing that
-step's checkpoint (its files written, the rename not done).
+Fault injection: a caller may pass a `Hook`, called as hook(event, stage, step) at fixed points of
+a run (`LoopCheckpoint.hook`; the pipeline also calls it at each stage's start). The tests' hook
+(tests/fault_runner.py) SIGKILLs a rank or raises there; production code passes none, reads no
+environment variable for it and kills nothing.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -65,6 +66,16 @@ from rlp_engine.engine import deepspeed_backend
 from rlp_engine.engine.distributed import barrier, rank_and_world
 
 CKPT_RE = re.compile(r"^ckpt-(\d{6})$")
+
+# The points of a run a `Hook` sees (every rank calls it), with the `step` it gets:
+#   "stage_start"  a stage that is not replayed from a checkpoint starts; step: where it starts
+#                  (0, or the loop step a resumed stage continues from)
+#   "step_done"    right after loop step `step` (1-based count of finished steps) and its
+#                  checkpoint, if any, was written
+#   "saving"       in the middle of writing loop step `step`'s checkpoint: this rank's files are
+#                  written, the rename that makes them a checkpoint is not done
+Event = Literal["stage_start", "step_done", "saving"]
+Hook = Callable[[Event, str, int], None]
 
 
 # ---------------------------------------------------------------- files, fsync and atomic rename
@@ -178,19 +189,6 @@ def publish(tmp: Path, final: Path) -> None:
     os.rename(tmp, final)
     fsync_path(final.parent)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def maybe_kill(stage: str, step: int, phase: str = "") -> None:
-    """SIGKILL this process when RLP_ENGINE_KILL_AT names this point and RLP_ENGINE_KILL_RANK (default
-    0) this rank (fault-injection tests)."""
-    want = os.environ.get("RLP_ENGINE_KILL_AT")
-    rank = rank_and_world()[0]
-    if not want or str(rank) != os.environ.get("RLP_ENGINE_KILL_RANK", "0"):
-        return
-    here = f"{stage}:{step}" + (f":{phase}" if phase else "")
-    if want == here:
-        print(f"[rlp-engine] RLP_ENGINE_KILL_AT={want}: killing rank {rank}", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- RNG state
@@ -336,9 +334,10 @@ class CheckpointStore:
         meta: dict,
         modules: dict[str, nn.Module] | None = None,
         optimizers=(),
-        kill_point: tuple[str, int] | None = None,
+        before_publish: Callable[[], None] | None = None,
     ) -> Path:
-        """Collective: write checkpoint number seq+1 atomically; prune to the last `keep`."""
+        """Collective: write checkpoint number seq+1 atomically; prune to the last `keep`.
+        `before_publish()` runs on every rank once its files are written, before the rename."""
         rank, _ = rank_and_world()
         self.seq += 1
         final = self.root / f"ckpt-{self.seq:06d}"
@@ -352,8 +351,8 @@ class CheckpointStore:
         save_file(rng_state(), tmp / f"rng-rank{rank}.pt")
         if rank == 0:
             save_file(to_plain({**meta, "seq": self.seq}), tmp / "meta.pt")
-        if kill_point is not None:
-            maybe_kill(*kill_point, phase="saving")
+        if before_publish is not None:
+            before_publish()
         barrier()  # every rank's files are on disk before the rename makes them a checkpoint
         if rank == 0:
             publish(tmp, final)
@@ -493,6 +492,7 @@ class LoopCheckpoint:
     every: int
     base_meta: Callable[[], dict]  # the pipeline's part of the meta (config, finished stages, ...)
     resume_from: tuple[Path, dict] | None = None  # a checkpoint inside this stage
+    hook: Hook | None = None  # called at "step_done" and "saving" (fault-injection tests)
     saved: list[int] = field(default_factory=list)
 
     def resume(self, modules: dict[str, nn.Module], optimizers=()) -> dict | None:
@@ -512,14 +512,17 @@ class LoopCheckpoint:
             path = self._save(step, state)
         if SIGINT.requested:
             raise Interrupted(self.stage, step, path or self._save(step, state))
-        maybe_kill(self.stage, step)
+        if self.hook is not None:
+            self.hook("step_done", self.stage, step)
         if step >= total:
             SIGINT.armed = False  # after the loop a SIGINT stops at once
 
     def _save(self, step: int, state: Callable[[], tuple[dict, list, dict]]) -> Path:
         modules, optimizers, loop = state()
         meta = {**self.base_meta(), "stage": self.stage, "loop": {**loop, "step": step}}
-        path = self.store.save(meta, modules, optimizers, kill_point=(self.stage, step))
+        hook = self.hook
+        saving = None if hook is None else lambda: hook("saving", self.stage, step)
+        path = self.store.save(meta, modules, optimizers, before_publish=saving)
         self.saved.append(step)
         return path
 
