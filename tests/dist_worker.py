@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from rlp_engine.engine.distributed import finish, init_distributed
-from rlp_engine.engine.fsdp import broadcast_module, shard_model
+from rlp_engine.engine.layout.fsdp import broadcast_module, shard_model
 from rlp_engine.engine.offload import offload, reload
 from rlp_engine.engine.reshard import full_tensor, sync_to_module
 

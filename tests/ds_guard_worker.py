@@ -1,4 +1,4 @@
-"""Worker for tests/test_pipeline_deepspeed.py: deepspeed_backend.guarded_step on a ZeRO-3 engine,
+"""Worker for tests/test_pipeline_deepspeed.py: zero3.guarded_step on a ZeRO-3 engine,
 2 ranks on CPU with gloo (torchrun's environment set by hand, DS_ACCELERATOR=cpu).
 
     python tests/ds_guard_worker.py OUT_DIR [TIMEOUT_S]
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from rlp_engine.engine import deepspeed_backend
 from rlp_engine.engine.distributed import finish, init_distributed
 from rlp_engine.engine.guards import NonFiniteError, NonFiniteGuard
+from rlp_engine.engine.layout import zero3
 
 STEPS, D_IN, D_OUT, B = 6, 5, 3, 8  # B rows per global batch, B // 2 per rank
 NAN_LOSS_RANK1, BAD_GRAD_RANK0 = 2, 4
@@ -62,13 +62,11 @@ def reference(data) -> tuple[list[float], list[float]]:
 
 
 def gathered(route) -> list[float]:
-    return torch.cat(
-        [t.reshape(-1).clone() for _, t in deepspeed_backend.iter_zero3_params(route.module)]
-    ).tolist()
+    return torch.cat([t.reshape(-1).clone() for _, t in zero3.iter_zero3_params(route.module)]).tolist()
 
 
 def train(rank: int, data) -> dict:
-    routes, engine, _ = deepspeed_backend.prepare_zero3({"net": make_model()}, adamw, MAX_GRAD_NORM)
+    routes, engine, _ = zero3.prepare_zero3({"net": make_model()}, adamw, MAX_GRAD_NORM)
     net = routes["net"]
     guard = NonFiniteGuard(5, "zero3")
     rows = slice(rank * B // 2, (rank + 1) * B // 2)
@@ -80,7 +78,7 @@ def train(rank: int, data) -> dict:
         loss = ((out - y[rows]) ** 2).mean()
         if step == NAN_LOSS_RANK1 and rank == 1:
             loss = loss + float("nan")  # gradients stay finite
-        ok, norm = deepspeed_backend.guarded_step(loss, engine, guard=guard, step=step)
+        ok, norm = zero3.guarded_step(loss, engine, guard=guard, step=step)
         applied.append(ok)
         if ok:
             norms.append(float(norm))
@@ -94,14 +92,14 @@ def train(rank: int, data) -> dict:
 
 
 def strict(rank: int, data) -> str:
-    routes, engine, _ = deepspeed_backend.prepare_zero3({"net": make_model()}, adamw, MAX_GRAD_NORM)
+    routes, engine, _ = zero3.prepare_zero3({"net": make_model()}, adamw, MAX_GRAD_NORM)
     x, y = data[0]
     rows = slice(rank * B // 2, (rank + 1) * B // 2)
     loss = ((routes["net"](x[rows]) - y[rows]) ** 2).mean()
     if rank == 1:
         loss = loss + float("nan")
     try:
-        deepspeed_backend.guarded_step(loss, engine, guard=NonFiniteGuard(0, "strict"), step=0)
+        zero3.guarded_step(loss, engine, guard=NonFiniteGuard(0, "strict"), step=0)
     except NonFiniteError as err:
         return str(err)
     return ""

@@ -4,7 +4,7 @@
 
 Run on every rank with torchrun's environment (and DS_ACCELERATOR=cpu). Each rank builds the same
 tiny Llama and global batch as tests/dist_worker.py, steps a plain-torch copy on the whole batch
-(the reference), then wraps its own copy with ZeRO-3 through rlp_engine.engine.deepspeed_backend and
+(the reference), then wraps its own copy with ZeRO-3 through rlp_engine.engine.layout.zero3 and
 steps it on its half of the batch; it then gathers the partitioned weights, streams them into a
 separate generation model, and writes OUT_DIR/rank{r}.json with what it measured.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from dist_worker import B, R, make_batch, tiny_llama  # same directory: the FSDP2 test's model and batch
 
-from rlp_engine.engine import deepspeed_backend
 from rlp_engine.engine.distributed import finish, init_distributed
+from rlp_engine.engine.layout import zero3
 from rlp_engine.engine.reshard import ModuleSink
 from rlp_engine.models.policy import CausalLMLogprobs, response_logprobs
 from rlp_engine.ops import ppo_policy_loss
@@ -54,7 +54,7 @@ def reference_steps(lm, ids, attn, old, adv, mask, n_tokens) -> list[float]:
 
 def gathered(engine) -> dict[str, torch.Tensor]:
     """Full copies of the ZeRO-3 weights under the causal LM's own names (the wrapper adds "lm.")."""
-    return {name.removeprefix("lm."): t.clone() for name, t in deepspeed_backend.iter_zero3_params(engine)}
+    return {name.removeprefix("lm."): t.clone() for name, t in zero3.iter_zero3_params(engine)}
 
 
 def max_diff(full: dict[str, torch.Tensor], ref: torch.nn.Module) -> tuple[float, bool]:
@@ -78,8 +78,8 @@ def run(rank: int, world_size: int) -> dict:
     # rank 1 starts from other weights: ZeRO-3's partitioning must broadcast rank 0's
     lm = tiny_llama(seed=rank)
     opt = torch.optim.AdamW(lm.parameters(), lr=LR, weight_decay=0.01)
-    config = deepspeed_backend.zero3_config(B // world_size, bf16=False, grad_clip=CLIP)
-    engine = deepspeed_backend.initialize(CausalLMLogprobs(lm), opt, config)
+    config = zero3.zero3_config(B // world_size, bf16=False, grad_clip=CLIP)
+    engine = zero3.initialize(CausalLMLogprobs(lm), opt, config)
     partitioned = all(p.numel() == 0 for p in lm.parameters())  # module params hold no data between uses
     _, init_exact = max_diff(gathered(engine), init)
 
@@ -94,9 +94,7 @@ def run(rank: int, world_size: int) -> dict:
 
     gen = tiny_llama(seed=99)  # the generation side: every weight differs until the sync
     sink = ModuleSink(gen)
-    record = deepspeed_backend.sync_zero3(
-        engine, sink, bucket_mb=0.05, name_map=lambda n: n.removeprefix("lm.")
-    )
+    record = zero3.sync_zero3(engine, sink, bucket_mb=0.05, name_map=lambda n: n.removeprefix("lm."))
     sink.check_complete()
     _, sync_exact = max_diff(gathered(engine), gen)
     # the training forward (gathering on the fly) and the synced model agree bit for bit

@@ -23,7 +23,7 @@ import torch
 from rlp_engine import ops
 from rlp_engine.data.batch import SeqBatch
 from rlp_engine.engine.distributed import all_reduce_grads, check_replicas, finish, init_distributed, shard
-from rlp_engine.engine.fsdp import (
+from rlp_engine.engine.layout.fsdp import (
     broadcast_module,
     full_state_dict,
     is_sharded,

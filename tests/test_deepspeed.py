@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-3 (rlp_engine.engine.deepspeed_backend) for real: 2 processes on CPU with gloo.
+"""DeepSpeed ZeRO-3 (rlp_engine.engine.layout.zero3) for real: 2 processes on CPU with gloo.
 
 tests/ds_worker.py runs on both ranks: PPO-style AdamW steps of a tiny Llama wrapped by ZeRO-3, each
 rank on half of a fixed global batch, against plain torch on the whole batch; then the ZeRO-3

@@ -13,7 +13,7 @@ from multiproc import run_ranks
 from tiny import tiny_llama
 from transformers import LlamaForCausalLM
 
-from rlp_engine.engine import fsdp
+from rlp_engine.engine.layout import fsdp
 from rlp_engine.models.heads import ScalarHeadModel, position_ids
 from rlp_engine.models.policy import CausalLMLogprobs, response_logprobs, unwrap_lm
 

@@ -44,10 +44,15 @@ SMALL = [
 ]
 
 
-def _torchrun(out: Path, backend: str, extra_env=None, resume: bool = False, limit_s: float = 240):
-    argv = ["-m", "rlp_engine.cli", "train", "--output-dir", str(out)]
+FAULT_RUNNER = Path(__file__).with_name("fault_runner.py")
+
+
+def _torchrun(out: Path, backend: str, fault: tuple = (), resume: bool = False, limit_s: float = 240):
+    """fault: tests/fault_runner.py's options (e.g. ("--kill-at", "ppo:1", "--rank", "1"))."""
+    cli = [str(FAULT_RUNNER), *fault, "--"] if fault else ["-m", "rlp_engine.cli"]
+    argv = [*cli, "train", "--output-dir", str(out)]
     argv += ["--resume"] if resume else ["--preset", "tiny", *SMALL, f"run.train_backend={backend}"]
-    code, output, _ = run_torchrun(argv, 2, limit_s, {"DS_ACCELERATOR": "cpu", **(extra_env or {})})
+    code, output, _ = run_torchrun(argv, 2, limit_s, {"DS_ACCELERATOR": "cpu"})
     return code, output
 
 
@@ -70,9 +75,8 @@ def runs(tmp_path_factory):
     assert code == 0, f"fsdp2:\n{log[-4000:]}"
     outs = {"fsdp2": (root / "fsdp2", log)}
     out = root / "zero3"
-    kill = {"RLP_ENGINE_KILL_AT": "ppo:1", "RLP_ENGINE_KILL_RANK": "1"}
-    code, log = _torchrun(out, "deepspeed", kill)
-    assert code != 0 and "RLP_ENGINE_KILL_AT=ppo:1: killing rank 1" in log, log[-4000:]
+    code, log = _torchrun(out, "deepspeed", ("--kill-at", "ppo:1", "--rank", "1"))
+    assert code != 0 and "[fault_runner] kill at ppo:1: killing rank 1" in log, log[-4000:]
     assert not (out / "report.json").exists()
     latest = max((out / "resume").glob("ckpt-*"))  # what the killed run left, before the resume
     outs["killed"] = (latest, torch.load(latest / "meta.pt", weights_only=False), sorted(latest.rglob("*")))
@@ -169,17 +173,16 @@ def test_zero3_guard_skips_nonfinite_loss_and_gradient_on_every_rank(tmp_path):
 
 def test_a_zero3_checkpoint_is_refused_elsewhere_with_a_clear_error(tmp_path):
     """ZeRO-3 partition files fit one world size and one backend: other layouts are refused by name."""
-    from rlp_engine.engine import checkpoint, deepspeed_backend
+    from rlp_engine.engine import checkpoint
+    from rlp_engine.engine.layout import zero3
 
-    (tmp_path / deepspeed_backend.INFO_FILE).write_text(
-        json.dumps({"world_size": 2, "tags": ["actor_critic"]})
-    )
+    (tmp_path / zero3.INFO_FILE).write_text(json.dumps({"world_size": 2, "tags": ["actor_critic"]}))
     with pytest.raises(ValueError, match="written by DeepSpeed ZeRO-3.*same world size"):
         checkpoint.load_tensors(tmp_path, {"actor": torch.nn.Linear(2, 2)})  # a plain (FSDP2/1-process) run
     with pytest.raises(ValueError, match="written on 2 ranks.*this run: \\['actor_critic'\\] on 1"):
-        deepspeed_backend.load_engines(tmp_path, {"actor_critic": None})  # the engines, on 1 rank
+        zero3.load_engines(tmp_path, {"actor_critic": None})  # the engines, on 1 rank
     with pytest.raises(ValueError, match="not a DeepSpeed checkpoint"):
-        deepspeed_backend.load_engines(tmp_path / "missing", {"actor_critic": None})
+        zero3.load_engines(tmp_path / "missing", {"actor_critic": None})
     with pytest.raises(ValueError, match="run.train_backend: expected"):
-        deepspeed_backend.use_zero3("zero3")
-    assert not deepspeed_backend.use_zero3("deepspeed")  # single process: plain modules
+        zero3.use_zero3("zero3")
+    assert not zero3.use_zero3("deepspeed")  # single process: plain modules

@@ -14,7 +14,8 @@ import torch
 from tiny import tiny_llama
 from torch import nn
 
-from rlp_engine.engine import deepspeed_backend, reshard
+from rlp_engine.engine import reshard
+from rlp_engine.engine.layout import zero3
 
 
 def _tiny(seed: int, tie: bool = False):
@@ -126,21 +127,21 @@ def _ds_policy():
 
 
 def test_zero3_config():
-    cfg = deepspeed_backend.zero3_config(4, grad_accum=2, bf16=False, offload_optimizer=True)
+    cfg = zero3.zero3_config(4, grad_accum=2, bf16=False, offload_optimizer=True)
     zero = cfg["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert zero["offload_param"] == {"device": "none"}
     assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 2
     assert cfg["bf16"] == {"enabled": False} and cfg["gradient_clipping"] == 1.0
-    assert "gradient_clipping" not in deepspeed_backend.zero3_config(1, grad_clip=None)
+    assert "gradient_clipping" not in zero3.zero3_config(1, grad_clip=None)
     with pytest.raises(ValueError, match="micro_batch_size"):
-        deepspeed_backend.zero3_config(0)
+        zero3.zero3_config(0)
 
 
 def test_clear_error_without_deepspeed(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)
     with pytest.raises(ImportError, match="needs DeepSpeed"):
-        deepspeed_backend.initialize(_ds_policy(), None, {})
+        zero3.initialize(_ds_policy(), None, {})
 
 
 def test_gather_module_by_module_into_buckets(monkeypatch):
@@ -160,7 +161,7 @@ def test_gather_module_by_module_into_buckets(monkeypatch):
         for p in dst.parameters():
             p.zero_()
     sink = reshard.ModuleSink(dst)
-    record = deepspeed_backend.sync_zero3(types.SimpleNamespace(module=src), sink, bucket_mb=0.0005)
+    record = zero3.sync_zero3(types.SimpleNamespace(module=src), sink, bucket_mb=0.0005)
     sink.check_complete()
     assert gathered == [2, 2, 2]  # weight + bias of each Linear and of the LayerNorm, per module
     assert record.buckets > 1

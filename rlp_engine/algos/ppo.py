@@ -20,12 +20,12 @@ import torch
 
 from rlp_engine import ops
 from rlp_engine.data.batch import SeqBatch
-from rlp_engine.engine import deepspeed_backend
 from rlp_engine.engine.checkpoint import LoopCheckpoint
 from rlp_engine.engine.distributed import rank_and_world, shard
-from rlp_engine.engine.fsdp import load_full_weights, prepare_for_training
 from rlp_engine.engine.generate import sample
 from rlp_engine.engine.guards import NonFiniteGuard, guarded_step
+from rlp_engine.engine.layout import zero3
+from rlp_engine.engine.layout.fsdp import load_full_weights, prepare_for_training
 from rlp_engine.engine.metrics import MetricsLogger, Throughput, masked_stats, progress, to_float
 from rlp_engine.engine.offload import offloaded
 from rlp_engine.engine.reshard import sync_to_module
@@ -49,7 +49,7 @@ class PPOState:
     gen_model: torch.nn.Module  # generation copy of the actor, refreshed by sync_weights each rollout
     guard: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(10, "ppo"))  # skipped updates
     # run.train_backend=deepspeed under torchrun: the ZeRO-3 engine training actor and critic (then
-    # routes to it, deepspeed_backend.Route); None: plain or FSDP2 modules and `optimizer` as is
+    # routes to it, zero3.Route); None: plain or FSDP2 modules and `optimizer` as is
     engine: object = None
     # beta of the KL penalty in the shaped rewards: cfg.kl_coef, fixed, or (cfg.kl_target set) moved
     # after every rollout by adaptive_kl_coef; saved with the loop state (exact resume)
@@ -89,7 +89,7 @@ def init_ppo(
     into the critic; the original stays frozen as the scorer). One AdamW over actor and critic, as
     AlpacaFarm (its vf_coef weighs the two losses). train_backend "deepspeed" under torchrun: actor
     and critic are one ZeRO-3 engine (one optimizer, one clip); the frozen two stay on FSDP2."""
-    if deepspeed_backend.use_zero3(train_backend):
+    if zero3.use_zero3(train_backend):
         return _init_ppo_zero3(policy, reward_model, tokenizer, cfg, data_cfg, seed)
     # Under torchrun all four are FSDP2-sharded (the frozen ones too: each is as large as the actor,
     # and sharded only one unit is ever gathered); single-process they are plain modules, as before.
@@ -110,7 +110,7 @@ def init_ppo(
 def _init_ppo_zero3(policy, reward_model, tokenizer, cfg, data_cfg, seed: int) -> PPOState:
     critic = copy.deepcopy(reward_model).train().requires_grad_(True)
     critic.encoder = None
-    routes, engine, opt = deepspeed_backend.prepare_zero3(
+    routes, engine, opt = zero3.prepare_zero3(
         {"actor": copy.deepcopy(policy).train(), "critic": critic},
         lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0),
         cfg.max_grad_norm,
@@ -194,14 +194,14 @@ def make_experience(
     cfg = state.cfg
     mask = batch.response_mask
     with throughput.phase("scoring") as rec:
-        old_lp = deepspeed_backend.response_logprobs(
+        old_lp = zero3.response_logprobs(
             state.actor,
             batch.input_ids,
             batch.attention_mask,
             batch.response_len,
             temperature=cfg.temperature,
         )
-        ref_lp = deepspeed_backend.response_logprobs(
+        ref_lp = zero3.response_logprobs(
             state.ref, batch.input_ids, batch.attention_mask, batch.response_len, temperature=cfg.temperature
         )
         values = critic_values(state.critic, batch) * mask
@@ -231,7 +231,7 @@ def ppo_losses(state: PPOState, exp: Experience, idx: torch.Tensor) -> tuple[tor
     b = exp.batch.select(idx)
     mask = b.response_mask
     want_entropy = cfg.entropy_coef > 0
-    out = deepspeed_backend.response_logprobs(
+    out = zero3.response_logprobs(
         state.actor,
         b.input_ids,
         b.attention_mask,
@@ -288,9 +288,7 @@ def train_on_experience(
                 idx = perm[start : start + mini].to(exp.batch.input_ids.device)
                 loss, metrics = ppo_losses(state, exp, idx)
                 if state.engine is not None:
-                    applied, grad_norm = deepspeed_backend.guarded_step(
-                        loss, state.engine, guard=state.guard, step=step
-                    )
+                    applied, grad_norm = zero3.guarded_step(loss, state.engine, guard=state.guard, step=step)
                 else:
                     applied, grad_norm = guarded_step(
                         loss,
@@ -333,9 +331,9 @@ def ppo_step(
     throughput = throughput or Throughput()
     # train -> generate switch: training state offloaded (a recorded no-op on CPU), the actor's
     # weights streamed into the generation model in buckets, generation, then reload.
-    zero3 = state.engine is not None  # ZeRO-3: gathered module by module, no FSDP2 offload
-    with nullcontext() if zero3 else offloaded(state.actor, state.optimizer):
-        sync = deepspeed_backend.sync_route_to_module if zero3 else sync_to_module
+    use_z3 = state.engine is not None  # ZeRO-3: gathered module by module, no FSDP2 offload
+    with nullcontext() if use_z3 else offloaded(state.actor, state.optimizer):
+        sync = zero3.sync_route_to_module if use_z3 else sync_to_module
         switch = sync(state.actor, state.gen_model, bucket_mb=state.cfg.sync_bucket_mb)
         with throughput.phase("generation") as rec:
             samples = sample(state.gen_model, state.tokenizer, prompts, state.cfg, state.data_cfg, n=1)

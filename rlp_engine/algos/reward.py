@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from rlp_engine.data.batch import Encoded, SeqBatch, join, make_batch, pad_left, pad_right
 from rlp_engine.data.records import Preference
-from rlp_engine.engine import deepspeed_backend
 from rlp_engine.engine.checkpoint import LoopCheckpoint, generator_states, set_generator_states
 from rlp_engine.engine.distributed import rank_and_world, shard
-from rlp_engine.engine.fsdp import load_full_weights, prepare_for_training
 from rlp_engine.engine.guards import NonFiniteGuard, guarded_step
+from rlp_engine.engine.layout import zero3
+from rlp_engine.engine.layout.fsdp import load_full_weights, prepare_for_training
 from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress
 from rlp_engine.models.heads import ScalarHeadModel
 
@@ -81,11 +81,11 @@ def train_reward_model(
     max_grad_norm = getattr(cfg, "max_grad_norm", 1.0)
     # ZeRO-3 needs every call to go through the engine's forward; RLP-UML's loss calls rm.encoder
     # (its critic too) outside it, so that stage stays on FSDP2
-    zero3 = deepspeed_backend.use_zero3(train_backend) and extra_loss is None
-    if deepspeed_backend.use_zero3(train_backend) and not zero3 and rank_and_world()[0] == 0:
+    use_z3 = zero3.use_zero3(train_backend) and extra_loss is None
+    if zero3.use_zero3(train_backend) and not use_z3 and rank_and_world()[0] == 0:
         print(f"[rlp-engine] {stage}: run.train_backend=deepspeed; this stage trains under FSDP2", flush=True)
-    if zero3:  # ZeRO-3 under torchrun: an engine over a copy of rank 0's `rm` (DeepSpeed broadcasts it)
-        routes, engine, opt = deepspeed_backend.prepare_zero3(
+    if use_z3:  # ZeRO-3 under torchrun: an engine over a copy of rank 0's `rm` (DeepSpeed broadcasts it)
+        routes, engine, opt = zero3.prepare_zero3(
             {"rm": copy.deepcopy(rm)},
             lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=weight_decay),
             max_grad_norm,
@@ -126,8 +126,8 @@ def train_reward_model(
                 extra, extra_metrics = extra_loss(step, train)
                 loss = loss + extra
                 metrics.update(extra_metrics)
-            if zero3:
-                _, grad_norm = deepspeed_backend.guarded_step(loss, engine, guard=guard, step=step)
+            if use_z3:
+                _, grad_norm = zero3.guarded_step(loss, engine, guard=guard, step=step)
             else:
                 _, grad_norm = guarded_step(
                     loss,

@@ -14,11 +14,11 @@ import torch
 from rlp_engine import ops
 from rlp_engine.data.batch import Encoded, SeqBatch
 from rlp_engine.data.records import Example
-from rlp_engine.engine import deepspeed_backend
 from rlp_engine.engine.checkpoint import LoopCheckpoint
 from rlp_engine.engine.distributed import shard
-from rlp_engine.engine.fsdp import load_full_weights, prepare_for_training
 from rlp_engine.engine.guards import NonFiniteGuard, guarded_step
+from rlp_engine.engine.layout import zero3
+from rlp_engine.engine.layout.fsdp import load_full_weights, prepare_for_training
 from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress
 from rlp_engine.models.policy import unwrap_lm
 
@@ -33,7 +33,7 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 def sft_loss(model, batch: SeqBatch) -> torch.Tensor:
     """Negative mean log-likelihood of the response tokens (eos included). Scalar fp32."""
-    lp = deepspeed_backend.response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_len)
+    lp = zero3.response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_len)
     return -ops.masked_mean(lp, batch.response_mask)
 
 
@@ -63,9 +63,9 @@ def sft(
     throughput = throughput or Throughput()
     enc = Encoded(tokenizer, [e.prompt for e in examples], [e.response for e in examples], data_cfg)
     device = next(model.parameters()).device
-    zero3 = deepspeed_backend.use_zero3(train_backend)
-    if zero3:  # ZeRO-3 under torchrun: an engine over a copy of rank 0's `model`
-        routes, engine, opt = deepspeed_backend.prepare_zero3(
+    use_z3 = zero3.use_zero3(train_backend)
+    if use_z3:  # ZeRO-3 under torchrun: an engine over a copy of rank 0's `model`
+        routes, engine, opt = zero3.prepare_zero3(
             {"policy": copy.deepcopy(model)},
             lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
             cfg.max_grad_norm,
@@ -97,10 +97,8 @@ def sft(
         batch = enc.batch(shard(idx)).to(device)
         with throughput.phase("training") as rec:
             loss = sft_loss(train, batch)
-            if zero3:
-                _, grad_norm = deepspeed_backend.guarded_step(
-                    loss, engine, guard=guard, step=step, scheduler=sched
-                )
+            if use_z3:
+                _, grad_norm = zero3.guarded_step(loss, engine, guard=guard, step=step, scheduler=sched)
             else:
                 _, grad_norm = guarded_step(
                     loss,

@@ -14,7 +14,7 @@ tagged dicts and rebuilt on load (only dataclasses defined in rlp_engine), numpy
         state/              the current stage's models and optimizers: torch.distributed.checkpoint
                             (DCP) files, written by every rank in parallel, loadable on any world size;
                             under run.train_backend=deepspeed (ZeRO-3 engines) DeepSpeed's own
-                            checkpoint instead (deepspeed_backend.save_engines: same world size only)
+                            checkpoint instead (zero3.save_engines: same world size only)
     stages/<name>/          a finished stage's output models (DCP), kept for the run's lifetime
     .tmp-*                  under construction: never read, removed by the next save
 
@@ -62,8 +62,8 @@ import torch.distributed as dist
 from torch import nn
 
 from rlp_engine.config import ConfigError
-from rlp_engine.engine import deepspeed_backend
 from rlp_engine.engine.distributed import barrier, rank_and_world
+from rlp_engine.engine.layout import zero3
 
 CKPT_RE = re.compile(r"^ckpt-(\d{6})$")
 
@@ -235,7 +235,7 @@ def _tensor_state(modules: dict[str, nn.Module], optimizers: list[torch.optim.Op
 
 def _engines(modules: dict[str, nn.Module]) -> bool:
     """True when the modules are DeepSpeed engines (all of them: a mix is refused)."""
-    engines = [deepspeed_backend.is_engine(m) for m in modules.values()]
+    engines = [zero3.is_engine(m) for m in modules.values()]
     if any(engines) and not all(engines):
         raise ValueError(f"checkpoint: {sorted(modules)} mixes DeepSpeed engines and other modules")
     return bool(engines) and all(engines)
@@ -249,7 +249,7 @@ def save_tensors(path: Path, modules: dict[str, nn.Module], optimizers=()) -> No
     from torch.distributed.checkpoint import FileSystemWriter
 
     if _engines(modules):
-        deepspeed_backend.save_engines(path, modules)
+        zero3.save_engines(path, modules)
         return
     _, sd = _tensor_state(modules, list(optimizers))
     with warnings.catch_warnings():
@@ -266,9 +266,9 @@ def load_tensors(path: Path, modules: dict[str, nn.Module], optimizers=()) -> No
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     if _engines(modules):
-        deepspeed_backend.load_engines(path, modules)
+        zero3.load_engines(path, modules)
         return
-    if (path / deepspeed_backend.INFO_FILE).is_file():
+    if (path / zero3.INFO_FILE).is_file():
         raise ValueError(
             f"resume: {path} was written by DeepSpeed ZeRO-3 (run.train_backend=deepspeed) and loads only "
             "into the same backend on the same world size"

@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from rlp_engine.engine import deepspeed_backend
+from rlp_engine.engine.layout import zero3
 from rlp_engine.engine.reshard import sync_to_module
 from rlp_engine.models.heads import GaussianEncoder, ScalarHeadModel
 from rlp_engine.models.policy import CausalLMLogprobs, unwrap_lm
@@ -190,9 +190,9 @@ def load_full_weights(dst: nn.Module, src: nn.Module) -> None:
     """Copy the full value of every parameter of `src` (sharded or not, wrapped or not) into the
     same-named parameter of the plain model `dst` (a collective when src is sharded: call it on every
     rank). No-op when they are the same module (single process). `src` may also be a ZeRO-3
-    deepspeed_backend.Route (run.train_backend=deepspeed): its partitions are gathered module by module."""
-    if isinstance(src, deepspeed_backend.Route):
-        deepspeed_backend.sync_route_to_module(src, dst)
+    zero3.Route (run.train_backend=deepspeed): its partitions are gathered module by module."""
+    if isinstance(src, zero3.Route):
+        zero3.sync_route_to_module(src, dst)
         return
     dst = unwrap_lm(dst)
     if unwrap_lm(src) is dst:

@@ -48,7 +48,7 @@ def import_deepspeed():
         raise ImportError(
             "the ZeRO-3 backend needs DeepSpeed (pip install 'rlp-engine[deepspeed]'; on CPU its first "
             "process group compiles the deepspeed_shm_comm op once, about 100 s of CPU); "
-            "FSDP2 (rlp_engine.engine.fsdp) needs nothing extra"
+            "FSDP2 (rlp_engine.engine.layout.fsdp) needs nothing extra"
         ) from err
 
 
