@@ -11,6 +11,8 @@ Layout under <output_dir>/resume/ (internal state; the HF exports users load are
 meta.pt and rng-rank<r>.pt hold only plain types and tensors, so they load with
 `torch.load(..., weights_only=True)`: dataclass records (samples, preference pairs) are stored as
 tagged dicts and rebuilt on load (only dataclasses defined in rlp_engine), numpy's RNG state as lists.
+The DCP directories (state/ below) are checked by dcp_check.check_dcp_dir before DCP reads them
+(it unpickles `.metadata` and non-tensor entries unrestricted).
         state/              the current stage's models and optimizers: torch.distributed.checkpoint
                             (DCP) files, written by every rank in parallel, loadable on any world size;
                             under run.train_backend=deepspeed (ZeRO-3 engines) DeepSpeed's own
@@ -62,6 +64,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rlp_engine.config import ConfigError
+from rlp_engine.engine.dcp_check import check_dcp_dir
 from rlp_engine.engine.distributed import barrier, rank_and_world
 from rlp_engine.engine.layout import zero3
 
@@ -273,6 +276,7 @@ def load_tensors(path: Path, modules: dict[str, nn.Module], optimizers=()) -> No
             f"resume: {path} was written by DeepSpeed ZeRO-3 (run.train_backend=deepspeed) and loads only "
             "into the same backend on the same world size"
         )
+    check_dcp_dir(path)  # DCP unpickles .metadata and non-tensor entries unrestricted: check first
     optimizers = list(optimizers)
     holder, sd = _tensor_state(modules, optimizers)
     with warnings.catch_warnings():
