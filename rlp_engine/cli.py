@@ -1,7 +1,7 @@
 """The `rlp-engine` command.
 
-    rlp-engine train [--config FILE.yaml] [--preset NAME] [--output-dir DIR] [--resume] [--print-config]
-                     [key=value ...]
+    rlp-engine train [--config FILE.yaml] [--preset NAME] [--output-dir DIR] [--resume | --restart]
+                     [--print-config] [key=value ...]
     rlp-engine eval --policy DIR [--reward-model DIR] [--config FILE.yaml] [--preset NAME] [key=value ...]
     rlp-engine sample --policy DIR [-n N] [--prompt TEXT ...] [--config FILE.yaml] [--preset NAME]
                       [key=value ...]
@@ -9,7 +9,9 @@
 
 `train` runs the whole RLP pipeline (embedded reverse task when no config is given) and writes
 DIR/report.json, DIR/report.md, DIR/training_curves.png, DIR/metrics.jsonl and checkpoints.
-`train --output-dir DIR --resume` continues a killed run from its last complete checkpoint.
+`train --output-dir DIR --resume` continues a killed run from its last complete checkpoint;
+`train --output-dir DIR --restart` deletes the earlier run's files in DIR (only when DIR holds
+config.yaml or resume/) once the inputs are checked, and starts over.
 Ctrl-C (SIGINT) or SIGTERM during a training loop saves a checkpoint at the end of the current step
 and exits 130 (SIGTERM: 143); a second one, or one outside a loop, exits at once with the same code;
 the line printed says how to resume.
@@ -30,9 +32,13 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlp_engine import __version__
 from rlp_engine.config import ConfigError, dump_yaml, load_config
+
+if TYPE_CHECKING:  # the checkpoint module imports torch: not at the CLI's startup
+    from rlp_engine.engine.checkpoint import Hook
 
 # The packages each command imports beyond the base install (import name -> extra that installs it).
 EXTRA = {"transformers": "train", "tokenizers": "train", "safetensors": "train", "matplotlib": "train"}
@@ -69,11 +75,18 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run SFT -> RM -> PPO -> RLP-UML/SPG -> PPO and write a report")
     common(t)
     t.add_argument("--output-dir", help="where the report and checkpoints go (run.output_dir)")
-    t.add_argument(
+    again = t.add_mutually_exclusive_group()
+    again.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --output-dir from its last complete checkpoint (its config.yaml is "
         "the config unless --config/--preset are given); a fresh start when it has none",
+    )
+    again.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the earlier run in --output-dir (its config.yaml, resume/, checkpoints/, metrics and "
+        "report; only a directory holding config.yaml or resume/) and start over",
     )
     t.add_argument(
         "--print-config",
@@ -125,7 +138,7 @@ def _interrupted(cfg, err: BaseException) -> int:
     return 128 + (SIGINT.signum or signal.SIGINT)
 
 
-def _train(args, cfg) -> int:
+def _train(args, cfg, hook: Hook | None = None) -> int:
     from rlp_engine.pipeline.inputs import check_limits, check_paths
 
     if args.output_dir:
@@ -144,7 +157,7 @@ def _train(args, cfg) -> int:
 
     try:
         with save_on_sigint():
-            report = run_pipeline(cfg, resume=args.resume)
+            report = run_pipeline(cfg, resume=args.resume, hook=hook, restart=args.restart)
     except NonFiniteError as err:  # training diverged: say so, and where the last good state is
         print(f"rlp-engine: stopped: {err}", file=sys.stderr)
         print(
@@ -265,7 +278,9 @@ def _sample(args, cfg) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, hook: Hook | None = None) -> int:
+    """The command line `argv` (default sys.argv[1:]) -> exit code. `hook`: passed to `train`'s
+    run_pipeline (engine/checkpoint.py's `Hook`: the tests' fault injection, tests/fault_runner.py)."""
     args = _parser().parse_args(argv)
     if not getattr(args, "print_config", False):
         # Before any work: without this, train stopped at its very end (the plot needs matplotlib).
@@ -299,7 +314,7 @@ def main(argv=None) -> int:
         return 2
     from rlp_engine.pipeline.inputs import INPUT_ERRORS
 
-    handlers = {"train": _train, "eval": _eval, "sample": _sample}
+    handlers = {"train": lambda a, c: _train(a, c, hook), "eval": _eval, "sample": _sample}
     try:
         return handlers[args.command](args, cfg)
     except INPUT_ERRORS as err:  # bad config, data or model: one line, no traceback

@@ -29,9 +29,9 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict:
-    """The test process's environment without launcher variables or fault injection, one OpenMP
-    thread per process, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and not k.startswith("RLP_ENGINE_")}
+    """The test process's environment without launcher variables, one OpenMP thread per process,
+    plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 

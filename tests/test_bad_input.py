@@ -4,8 +4,8 @@ data.max_prompt_tokens (truncate / drop / error, counted), tokenizers without a 
 path that does not exist, unknown or ill-typed config keys. Most cases call
 `rlp_engine.pipeline.inputs.prepare_inputs`, the one entry point the pipeline runs before it creates
 its output directory; the CLI tests check exit code 2, the message on stderr and that nothing was
-written. Every CLI run sets RLP_ENGINE_FAIL_AT=sft:0, so a bad input that reached training fails
-the test at once instead of training."""
+written. Every CLI run passes a hook that fails at the start of SFT (tests/fault_runner.py), so a
+bad input that reached training fails the test at once instead of training."""
 
 import json
 import random
@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from fault_runner import fail_at
 
 from rlp_engine.cli import main
 from rlp_engine.config import ConfigError, load_config
@@ -358,10 +359,10 @@ def test_missing_data_file_names_key_and_path(tmp_path):
 # ---- the CLI: exit code 2, one line on stderr, no output directory ----
 
 
-def _cli(tmp_path, monkeypatch, capsys, *args):
-    monkeypatch.setenv("RLP_ENGINE_FAIL_AT", "sft:0")  # training must not start
+def _cli(tmp_path, capsys, *args):
     out = tmp_path / "out"
-    code = main(["train", "--preset", "tiny", "--output-dir", str(out), *args])
+    # training must not start
+    code = main(["train", "--preset", "tiny", "--output-dir", str(out), *args], hook=fail_at("sft"))
     return code, capsys.readouterr().err, out
 
 
@@ -394,9 +395,9 @@ def _config_cases(tmp_path):
         "missing_data_file",
     ],
 )
-def test_cli_config_and_path_errors_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, case):
+def test_cli_config_and_path_errors_exit_2_and_write_nothing(tmp_path, capsys, case):
     args, expected = _config_cases(tmp_path)[case]
-    code, err, out = _cli(tmp_path, monkeypatch, capsys, *args)
+    code, err, out = _cli(tmp_path, capsys, *args)
     assert code == 2 and expected in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
@@ -425,10 +426,10 @@ def _data_cases(tmp_path):
 @pytest.mark.parametrize(
     "case", ["malformed_jsonl", "missing_field", "empty_file", "no_pad_no_eos", "long_prompt_error"]
 )
-def test_cli_bad_data_exits_2_and_leaves_no_output_dir(tmp_path, monkeypatch, capsys, case):
+def test_cli_bad_data_exits_2_and_leaves_no_output_dir(tmp_path, capsys, case):
     """Needs run_pipeline to call prepare_inputs before it creates the output directory."""
     args, expected = _data_cases(tmp_path)[case]
-    code, err, out = _cli(tmp_path, monkeypatch, capsys, *args)
+    code, err, out = _cli(tmp_path, capsys, *args)
     assert code == 2 and expected in err, err
     assert "Traceback" not in err and err.count("rlp-engine: error:") == 1
     assert not out.exists()
@@ -469,15 +470,15 @@ def _range_cases():
 def test_cli_out_of_range_values_exit_2_naming_the_key_and_write_nothing(tmp_path, monkeypatch, capsys, case):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' interpreter lets Triton run on CPU
     args, expected = _range_cases()[case]
-    code, err, out = _cli(tmp_path, monkeypatch, capsys, *args)
+    code, err, out = _cli(tmp_path, capsys, *args)
     assert code == 2 and expected in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_cli_cuda_device_without_cuda_exits_2(tmp_path, monkeypatch, capsys):
-    code, err, out = _cli(tmp_path, monkeypatch, capsys, "run.device=cuda")
+def test_cli_cuda_device_without_cuda_exits_2(tmp_path, capsys):
+    code, err, out = _cli(tmp_path, capsys, "run.device=cuda")
     assert code == 2 and "run.device: 'cuda' but torch.cuda.is_available() is False" in err, err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 

@@ -191,8 +191,7 @@ ARGS = ["--preset", "tiny", "sft.steps=200", "run.stages=ppo", "run.tensorboard=
 
 def _train(out: Path, *args: str, popen: bool = False):
     cmd = [sys.executable, "-m", "rlp_engine.cli", "train", "--output-dir", str(out), *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RLP_ENGINE_")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if popen:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

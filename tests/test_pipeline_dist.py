@@ -6,7 +6,6 @@ finished run also proves the explicit gradient all-reduce kept the replicas iden
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from multiproc import clean_env, run_torchrun
 
 from rlp_engine.config import load_config
 from rlp_engine.engine import distributed
-from rlp_engine.engine.generate import generator_for, sample
+from rlp_engine.engine.generate import GeneratorCache, sample
 from rlp_engine.models.loading import load_policy, load_tokenizer
 from rlp_engine.models.policy import response_logprobs
 
@@ -36,11 +35,14 @@ SMALL = [
 ]
 
 
-def _torchrun(
-    out: Path, extra_env: dict | None = None, limit_s: float = 90, extra: tuple = ()
-) -> tuple[int, str, float]:
-    argv = ["-m", "rlp_engine.cli", "train", "--preset", "tiny", "--output-dir", str(out), *SMALL, *extra]
-    return run_torchrun(argv, 2, limit_s, extra_env)
+FAULT_RUNNER = Path(__file__).with_name("fault_runner.py")
+
+
+def _torchrun(out: Path, fault: tuple = (), limit_s: float = 90, extra: tuple = ()) -> tuple[int, str, float]:
+    """torchrun, 2 ranks; fault: tests/fault_runner.py's options (e.g. ("--fail-at", "rm", "--rank", "1"))."""
+    cli = [str(FAULT_RUNNER), *fault, "--"] if fault else ["-m", "rlp_engine.cli"]
+    argv = [*cli, "train", "--preset", "tiny", "--output-dir", str(out), *SMALL, *extra]
+    return run_torchrun(argv, 2, limit_s)
 
 
 # every policy of the default stages: SFT, PPO, the oracle, RLP-UML, RLP-SPG, both at once, SPG round 2
@@ -89,9 +91,9 @@ def test_two_process_run_writes_one_report_from_rank_zero(tmp_path):
 
 def test_rank_failing_inside_a_stage_ends_the_job(tmp_path):
     out = tmp_path / "run"
-    code, output, elapsed = _torchrun(out, {"RLP_ENGINE_FAIL_AT": "rm:1"}, limit_s=60)
+    code, output, elapsed = _torchrun(out, ("--fail-at", "rm", "--rank", "1"), limit_s=60)
     assert code != 0
-    assert "[rank 1] failed with RuntimeError: RLP_ENGINE_FAIL_AT: injected failure in stage rm" in output
+    assert "[rank 1] failed with RuntimeError: fault_runner: injected failure in stage rm" in output
     assert elapsed < 60
     assert not (out / "report.json").exists()
 
@@ -100,10 +102,10 @@ def test_rank_killed_mid_ppo_ends_the_job_and_its_checkpoint_resumes_on_one_proc
     """Rank 1 is SIGKILLed right after PPO's step-1 checkpoint: rank 0 must not hang, and the sharded
     (DCP) checkpoint both ranks wrote is complete and loads in a single process, which finishes the run."""
     out = tmp_path / "run"
-    env = {"RLP_ENGINE_KILL_AT": "ppo:1", "RLP_ENGINE_KILL_RANK": "1"}
-    code, output, elapsed = _torchrun(out, env, limit_s=90, extra=("run.checkpoint_every=1",))
+    kill = ("--kill-at", "ppo:1", "--rank", "1")
+    code, output, elapsed = _torchrun(out, kill, limit_s=90, extra=("run.checkpoint_every=1",))
     assert code != 0 and elapsed < 90, output[-3000:]
-    assert "RLP_ENGINE_KILL_AT=ppo:1: killing rank 1" in output
+    assert "[fault_runner] kill at ppo:1: killing rank 1" in output
     assert not (out / "report.json").exists()
     latest = max((out / "resume").glob("ckpt-*"))
     meta = torch.load(latest / "meta.pt", weights_only=False)
@@ -131,20 +133,16 @@ def test_data_parallel_helpers_are_identities_single_process():
     assert distributed.gather_lists([[1], [2]]) == [[1], [2]]
 
 
-def test_sampler_reuses_one_generator_and_its_logprobs_are_the_trainers():
+def test_sampler_reuses_its_cached_generator_and_its_logprobs_are_the_trainers():
     overrides = ["data.max_response_tokens=5", "ppo.temperature=0.7", "ppo.top_k=5"]
     cfg = load_config(None, overrides, preset="tiny")
     tok = load_tokenizer(cfg.model, ["1+2=3", "4+5=9", "7+1=8"])
     model = load_policy(cfg.model, tok).eval()
     prompts = ["1+2=", "4+5=", "7+1="]
-    s = sample(model, tok, prompts, cfg.ppo, cfg.data, n=2)
-    gen = generator_for(model, 2)
-    assert gen.model is model and generator_for(model, 2) is gen  # cached on the model, reused
-    assert "_rlp_generator" not in dict(model.named_modules()) and not any(
-        "_rlp_generator" in k for k in model.state_dict()
-    )
-    twin = copy.deepcopy(model)  # PPO copies policies: the copy must get its own generator
-    assert generator_for(twin, 2).model is twin
+    cache = GeneratorCache(model)  # the caller keeps the Generator (nothing is stored on the model)
+    s = sample(model, tok, prompts, cfg.ppo, cfg.data, n=2, cache=cache)
+    gen = cache.generator
+    assert gen.model is model and cache.get(2) is gen  # reused while it fits
     # "scaled" log-probs: log_softmax(logits / T) before top-k, what the trainer recomputes
     b = s.batch
     with torch.no_grad():

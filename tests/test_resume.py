@@ -1,8 +1,8 @@
 """Crash-safe checkpoints and exact resume.
 
 The end-to-end tests run `rlp-engine train` (tiny preset, a few steps per stage) as a subprocess,
-SIGKILL it at a chosen point (fault injection: RLP_ENGINE_KILL_AT, or a kill from outside at an
-arbitrary moment), run `rlp-engine train --output-dir DIR --resume`, and require what an
+SIGKILL it at a chosen point (fault injection: tests/fault_runner.py's hook, or a kill from outside
+at an arbitrary moment), run `rlp-engine train --output-dir DIR --resume`, and require what an
 uninterrupted run gives: bit-identical weights of every exported model, the same metrics.jsonl line
 for line (wall-clock keys aside) and the same report numbers. On CPU with one thread every op is
 deterministic, so the tolerance is zero.
@@ -38,11 +38,15 @@ ARGS = [
 ]
 
 
-def _train(out: Path, *extra: str, env: dict | None = None, resume: bool = False, popen: bool = False):
-    cmd = [sys.executable, "-m", "rlp_engine.cli", "train", "--output-dir", str(out)]
+FAULT_RUNNER = Path(__file__).with_name("fault_runner.py")
+
+
+def _train(out: Path, *extra: str, kill: str | None = None, resume: bool = False, popen: bool = False):
+    """`rlp-engine train` as a subprocess; kill="stage:step[:saving]": SIGKILLed there (fault_runner)."""
+    cli = ["-m", "rlp_engine.cli"] if kill is None else [str(FAULT_RUNNER), "--kill-at", kill, "--"]
+    cmd = [sys.executable, *cli, "train", "--output-dir", str(out)]
     cmd += ["--resume"] if resume else [*ARGS, *extra]
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RLP_ENGINE_")}
-    full_env.update(OMP_NUM_THREADS="1", **(env or {}))
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if popen:
         return subprocess.Popen(
             cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -98,7 +102,7 @@ KILLS = {
 @pytest.mark.parametrize("kill", list(KILLS))
 def test_killed_run_resumes_to_the_uninterrupted_result(kill, baseline, tmp_path):
     out = tmp_path / "run"
-    first = _train(out, env={"RLP_ENGINE_KILL_AT": kill})
+    first = _train(out, kill=kill)
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     assert not (out / "report.json").exists()
     res = _train(out, resume=True)
@@ -201,6 +205,28 @@ def test_store_keeps_the_last_k_and_ignores_unfinished(tmp_path):
     assert not (tmp_path / ".tmp-ckpt-000005").exists()
     with pytest.raises(ValueError, match="keep_checkpoints"):
         CheckpointStore(tmp_path, keep=0)
+
+
+def test_loop_hook_sees_saving_before_the_rename_and_step_done_after(tmp_path):
+    """The fault-injection points (fault_runner's kills): "saving" with this rank's files written and
+    no complete checkpoint yet; "step_done" after the step's checkpoint, if any, is complete."""
+    store = CheckpointStore(tmp_path, keep=2)
+    seen = []
+
+    def hook(event: str, stage: str, step: int) -> None:
+        partial = sorted(p.name for p in tmp_path.glob(".tmp-*/*"))
+        seen.append((event, stage, step, [p.name for p in store.complete()], partial))
+
+    ckpt = LoopCheckpoint(store, "toy", every=2, base_meta=dict, hook=hook)
+    model, opt = _model_and_opt(0)
+    for step in (1, 2, 3):  # step 3 of 3: the stage's end saves, not the loop
+        ckpt.step_done(step, 3, lambda: ({"m": model}, [opt], {}))
+    assert seen == [
+        ("step_done", "toy", 1, [], []),
+        ("saving", "toy", 2, [], ["meta.pt", "rng-rank0.pt", "state"]),
+        ("step_done", "toy", 2, ["ckpt-000001"], []),
+        ("step_done", "toy", 3, ["ckpt-000001"], []),
+    ]
 
 
 def test_diverging_run_skips_non_finite_steps_then_stops_with_a_clear_error(tmp_path, capsys):

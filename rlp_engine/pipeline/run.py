@@ -9,9 +9,10 @@ each rank on its share of the same global batch, and hands full weights back at 
 and the sampling of P are split over ranks; rank 0 alone evaluates and writes metrics, report, plots
 and the HF exports while the others wait; every rank writes its part of the resumable checkpoints
 (engine/checkpoint.py); the stages themselves are in pipeline/stages.py.
-RLP_ENGINE_FAIL_AT="stage:rank" makes that rank raise at the start of that
-stage (fault injection for the tests of the fail-fast path; RLP_ENGINE_KILL_AT kills, see
-engine/checkpoint.py).
+`run_pipeline(cfg, resume, hook=...)`: the hook (engine/checkpoint.py's `Hook`) is called at each
+stage's start and the training loops' step and checkpoint points; the tests inject faults through
+it (tests/fault_runner.py). Each rank's device is `Run.device` (one GPU per rank under torchrun);
+the config is not changed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 
 from rlp_engine import ops
 from rlp_engine.config import ConfigError, TrainConfig, dump_yaml, to_dict
-from rlp_engine.engine.checkpoint import SIGINT, CheckpointStore, Interrupted, LoopCheckpoint, publish
+from rlp_engine.engine.checkpoint import SIGINT, CheckpointStore, Hook, Interrupted, LoopCheckpoint, publish
 from rlp_engine.engine.distributed import barrier, check_replicas, init_distributed, rank_and_world
 from rlp_engine.engine.metrics import MetricsLogger, Throughput
 from rlp_engine.pipeline.evaluate import evaluate_all
@@ -66,10 +67,21 @@ class Run:
     """Shared state of one pipeline run: config, logger, throughput, stage timings, checkpoints.
 
     `resume`: (path, meta) of the checkpoint to continue from (None: a fresh run). Stages it lists as
-    finished are replayed by loading their outputs; a stage it was inside continues from its step."""
+    finished are replayed by loading their outputs; a stage it was inside continues from its step.
+    `device`: this rank's device (cfg.run.device, or its GPU under torchrun). `hook`: see
+    run_pipeline."""
 
-    def __init__(self, cfg: TrainConfig, store: CheckpointStore, resume: tuple[Path, dict] | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        store: CheckpointStore,
+        resume: tuple[Path, dict] | None = None,
+        *,
+        device: torch.device | None = None,
+        hook: Hook | None = None,
+    ):
         self.cfg = cfg
+        self.hook = hook
         self.rank, self.world_size = rank_and_world()
         self.main = self.rank == 0  # only rank 0 writes anything under output_dir
         self.out = Path(cfg.run.output_dir)
@@ -85,7 +97,7 @@ class Run:
         for kind in ("tokens", "seconds"):
             getattr(self.throughput, kind).update(meta.get("throughput", {}).get(kind, {}))
         self.stage_seconds: dict[str, float] = {}
-        self.device = torch.device(cfg.run.device)
+        self.device = torch.device(cfg.run.device) if device is None else device
         self.gold = None  # the task's gold reward, logged on PPO rollouts (never trained on)
         self.heldout_pairs = None  # gold-labelled pairs of SFT samples on the eval prompts
 
@@ -136,8 +148,8 @@ class Run:
             if inside is None
             else f"stage {name}: resuming at step {inside[1]['loop']['step']}"
         )
-        if os.environ.get("RLP_ENGINE_FAIL_AT") == f"{name}:{self.rank}":
-            raise RuntimeError(f"RLP_ENGINE_FAIL_AT: injected failure in stage {name} on rank {self.rank}")
+        if self.hook is not None:
+            self.hook("stage_start", name, inside[1]["loop"]["step"] if inside else 0)
         before = inside[1]["stage_elapsed"] if inside else 0.0
         ckpt = LoopCheckpoint(
             self.store,
@@ -145,6 +157,7 @@ class Run:
             self.cfg.run.checkpoint_every,
             lambda: {**self.meta(), "stage_elapsed": before + time.perf_counter() - start},
             resume_from=inside,
+            hook=self.hook,
         )
         handle = Stage(self, name, False, ckpt if checkpoint else None)
         yield handle
@@ -208,7 +221,9 @@ def _setup(cfg: TrainConfig) -> None:
         torch.set_num_threads(cfg.run.threads)
 
 
-def run_pipeline(cfg: TrainConfig, resume: bool = False) -> dict:
+def run_pipeline(
+    cfg: TrainConfig, resume: bool = False, *, hook: Hook | None = None, restart: bool = False
+) -> dict:
     """Run every stage, evaluate, and write report.json, report.md, the curves' PNG, metrics.jsonl
     (and TensorBoard events) and the per-stage checkpoints under cfg.run.output_dir. The ops run on
     cfg.run.backend ("auto": chosen per device). Under torchrun every rank calls it; rank 0 returns
@@ -216,17 +231,23 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False) -> dict:
 
     Resumable checkpoints go to output_dir/resume every run.checkpoint_every steps and at every stage
     boundary. `resume=True` continues from the newest complete one (a fresh start when there is
-    none); without it an output_dir that holds checkpoints is refused, so no run is overwritten.
-    report.json is written last: its presence means the run finished."""
+    none); without it an output_dir that holds checkpoints is refused, so no run is overwritten, unless
+    `restart=True`: the earlier run's files are deleted (after the input checks) and it starts over.
+    report.json is written last: its presence means the run finished.
+
+    `hook(event, stage, step)` (engine/checkpoint.py's `Hook`), when given, is called on every rank at
+    each stage's start ("stage_start") and at the training loops' "step_done" and "saving" points:
+    the tests' fault injection. cfg is not changed: each rank's device is the Run's."""
     info = init_distributed(timeout_s=cfg.run.dist_timeout_s)
+    device = torch.device(cfg.run.device)
     if info.distributed:
         _check_world(cfg, info.world_size)
-        if torch.device(cfg.run.device).type == "cuda":
-            cfg.run.device = str(info.device)  # one GPU per rank
+        if device.type == "cuda":
+            device = info.device  # one GPU per rank
     if cfg.run.backend == "auto":
-        return _run_pipeline(cfg, resume)
+        return _run_pipeline(cfg, resume, device, hook, restart)
     with ops.backend(cfg.run.backend):
-        return _run_pipeline(cfg, resume)
+        return _run_pipeline(cfg, resume, device, hook, restart)
 
 
 def _check_world(cfg: TrainConfig, world: int) -> None:
@@ -277,21 +298,66 @@ def check_resumable(cfg: TrainConfig, saved: dict) -> None:
             "--resume: the config differs from the checkpoint's in keys that change the results: "
             + "; ".join(changed)
             + ". To continue that run, pass only --output-dir and --resume (its config.yaml is used; "
-            "drop --config, --preset and these overrides); to run this config, choose another --output-dir"
+            "drop --config, --preset and these overrides); to run this config, pass --restart instead of "
+            "--resume (discards that run) or choose another --output-dir"
         )
 
 
-def open_store(cfg: TrainConfig, resume: bool) -> tuple[CheckpointStore, tuple[Path, dict] | None]:
-    """The run directory's checkpoint store and the checkpoint to continue from (None: fresh)."""
+# Everything a run writes in its output_dir, deleted by --restart in this order: config.yaml and
+# resume/ (what makes a directory a run's, see check_restartable) last, so that a restart killed
+# halfway leaves a directory --restart still accepts.
+RUN_FILES = ("report.json", "report.md", "training_curves.png", "metrics.jsonl", "tb", "checkpoints")
+RUN_FILES += ("resume", "config.yaml")
+
+
+def check_restartable(out: Path) -> None:
+    """--restart deletes the run in `out`: allowed when `out` is missing, empty or looks like an
+    rlp-engine run directory (config.yaml or resume/); anything else is refused, touching nothing."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not (out.is_dir() and ((out / "config.yaml").is_file() or (out / "resume").is_dir())):
+        raise ConfigError(
+            f"--restart: {out} is not an rlp-engine run directory (no config.yaml or resume/), so nothing "
+            "in it is deleted; choose another --output-dir"
+        )
+
+
+def discard_run(cfg: TrainConfig) -> CheckpointStore:
+    """--restart, after every input check: delete the earlier run's RUN_FILES in output_dir (rank 0;
+    other files stay) and return the then empty checkpoint store."""
     out = Path(cfg.run.output_dir)
+    barrier()  # every rank has checked the directory (open_store) before any of it goes
+    if rank_and_world()[0] == 0:
+        for name in RUN_FILES:
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    barrier()
+    return CheckpointStore(out / "resume", keep=cfg.run.keep_checkpoints)
+
+
+def open_store(
+    cfg: TrainConfig, resume: bool, restart: bool = False
+) -> tuple[CheckpointStore, tuple[Path, dict] | None]:
+    """The run directory's checkpoint store and the checkpoint to continue from (None: fresh).
+    `restart`: the earlier run is not read (discard_run deletes it once the inputs are checked)."""
+    out = Path(cfg.run.output_dir)
+    if restart and resume:
+        raise ConfigError(
+            "--restart and --resume exclude each other: --resume continues the run, --restart discards it"
+        )
+    if restart:
+        check_restartable(out)
     store = CheckpointStore(out / "resume", keep=cfg.run.keep_checkpoints)
-    latest = store.latest()
+    latest = None if restart else store.latest()
     if latest is None:
         return store, None
     if not resume:
         raise ConfigError(
             f"run.output_dir: {out} holds checkpoints of an earlier run ({latest[0].name}); pass --resume to "
-            "continue it, or choose another --output-dir"
+            "continue it, --restart to discard it and start over, or choose another --output-dir"
         )
     check_resumable(cfg, latest[1]["config"])
     return store, latest
@@ -306,15 +372,19 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _run_pipeline(cfg: TrainConfig, resume: bool) -> dict:
+def _run_pipeline(
+    cfg: TrainConfig, resume: bool, device: torch.device, hook: Hook | None, restart: bool = False
+) -> dict:
     from rlp_engine.pipeline.report import write_report
 
     _setup(cfg)
     stage_names(cfg)  # a bad run.stages fails here, before any work
-    store, latest = open_store(cfg, resume)
+    store, latest = open_store(cfg, resume, restart)
     inputs = prepare_inputs(cfg)  # every input check and load, before anything is written
+    if restart:
+        store = discard_run(cfg)
     data, tokenizer = inputs.data, inputs.tokenizer
-    run = Run(cfg, store, latest)
+    run = Run(cfg, store, latest, device=device, hook=hook)
     if latest is not None:
         run.say(f"resuming from {latest[0]} (finished: {', '.join(run.finished) or 'none'})")
     if run.main:
@@ -353,7 +423,7 @@ def _run_pipeline(cfg: TrainConfig, resume: bool) -> dict:
         "machine": {
             "platform": platform.platform(),
             "threads": torch.get_num_threads(),
-            "device": cfg.run.device,
+            "device": str(run.device),  # this rank's (rank 0's): cuda:0 under torchrun
             "world_size": run.world_size,
         },
         "config": to_dict(cfg),
