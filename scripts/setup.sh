@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Sets up .venv with everything rlp-engine needs, on a fresh machine with only Python 3.10+.
-# torch goes in first and the extension is built against it with --no-build-isolation: an isolated
-# build (or an unpinned torch) would pull a multi-GB CUDA torch. RLP_TORCH overrides the pin.
+# torch goes in first, its CPU build (scripts/install_torch.sh: pip's pick when that is a CPU wheel,
+# else PyTorch's CPU index), and the extension is built against it with --no-build-isolation: an
+# isolated build (or PyPI's Linux torch) would pull a multi-GB CUDA torch. RLP_TORCH overrides the pin.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel ninja
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/python -m pip install -q "torch==${RLP_TORCH:-2.13.0}"
+  source scripts/install_torch.sh
+  install_torch "torch==${RLP_TORCH:-2.13.0}"
 fi
 # deepspeed: a source package, pure Python when DS_BUILD_OPS=0 (its CPU comm op is compiled on first
 # use, ~1 min once, cached in ~/.cache/torch_extensions); its ZeRO-3 test runs on CPU with gloo.
