@@ -6,8 +6,9 @@ produces PTX and a cubin with the ptxas the wheel ships. The kernels' launch con
 written down here: each case runs the real launcher on `meta` tensors of a representative shape and
 records the launches (JITFunction.run is replaced for the duration), then specialises the arguments
 the way a launch on the GPU would (16-byte-aligned pointers, integers divisible by 16, ints equal to 1
-as constants) through Triton's own binder. The fused LM-head launcher picks its tile config and
-scratch size from the device type; for it the meta device is reported as "cuda".
+as constants) through Triton's own binder. The fused LM-head launcher picks its tile config from
+the device's compute capability and its vocab splits from the SM count: for each target arch it is
+told that arch and the SM count of kernels' SM_COUNT table, and its scratch size sees "cuda".
 
 Per kernel and arch: num_warps, num_stages, registers (the cubin's), spill store/load bytes and stack
 frame (`ptxas -v`), shared memory (Triton's dynamic allocation, what a launch requests), and the
@@ -80,11 +81,7 @@ def _cuda_device_for(module, names):
     """Make `module`'s device-dependent helpers see the meta device as "cuda"."""
 
     def as_cuda(a):
-        if isinstance(a, torch.device) and a.type == "meta":
-            return torch.device("cuda")
-        if isinstance(a, torch.Tensor) and a.device.type == "meta":
-            return _CudaView(a)
-        return a
+        return torch.device("cuda") if isinstance(a, torch.device) and a.type == "meta" else a
 
     saved = {n: getattr(module, n) for n in names}
     for n, f in saved.items():
@@ -96,23 +93,26 @@ def _cuda_device_for(module, names):
             setattr(module, n, f)
 
 
-class _CudaView:
-    """A meta tensor's dtype and shape, on device "cuda" (for config helpers that read only those)."""
-
-    def __init__(self, t):
-        self.dtype, self.shape, self.device = t.dtype, t.shape, torch.device("cuda")
-
-
-def case_fused_linear(dt):
+def case_fused_linear(dt, arch):
     n, h, v = 16384, 4096, 131072
     hid, w, y = _meta(n, h, dtype=dt), _meta(v, h, dtype=dt), _meta(n, dtype=torch.int64)
-    with _cuda_device_for(K_fused, ("_config", "_splits", "rows_per_chunk")):
-        lp, ent, lse = K_fused.triton_forward(hid, w, None, y, 1.0, -100, True)
-        K_fused.triton_backward(hid, w, None, y, lse, ent, _meta(n), _meta(n), 1.0, -100)
+    info = K_fused._device_info  # the launcher asks the device for its arch and SM count
+    sms = K_fused.SM_COUNT.get(arch, 132)  # an arch outside the table: the H100's count
+    K_fused._device_info = lambda device: (arch, sms)
+    try:
+        with _cuda_device_for(K_fused, ("rows_per_chunk",)):
+            _fused_launches(hid, w, y, n)
+    finally:
+        K_fused._device_info = info
     return f"N={n} H={h} V={v}"
 
 
-def case_logprobs(dt):
+def _fused_launches(hid, w, y, n):
+    lp, ent, lse = K_fused.triton_forward(hid, w, None, y, 1.0, -100, True)
+    K_fused.triton_backward(hid, w, None, y, lse, ent, _meta(n), _meta(n), 1.0, -100)
+
+
+def case_logprobs(dt, arch):
     n, v = 16384, 131072
     x, y = _meta(n, v, dtype=dt), _meta(n, dtype=torch.int64)
     lp, ent, lse = K_lp.logprobs_forward(x, y, 1.0, -100)
@@ -120,7 +120,7 @@ def case_logprobs(dt):
     return f"N={n} V={v}"
 
 
-def case_kl(dt):
+def case_kl(dt, arch):
     b, t = 512, 8192
     lp, ref = _meta(b, t, dtype=dt), _meta(b, t, dtype=dt)
     K_kl.kl_penalty_forward(lp, ref, "k3")
@@ -128,7 +128,7 @@ def case_kl(dt):
     return f"[{b},{t}] k3"
 
 
-def case_gae(dt):
+def case_gae(dt, arch):
     b, t = 512, 8192
     r, v, m = _meta(b, t, dtype=dt), _meta(b, t, dtype=dt), _meta(b, t, dtype=torch.bool)
     K_gae.gae_forward(r, v, m, 1.0, 0.95, True)
@@ -136,7 +136,7 @@ def case_gae(dt):
     return f"[{b},{t}] carry+zero"
 
 
-def case_ppo(dt):
+def case_ppo(dt, arch):
     b, t = 512, 8192
     x = [_meta(b, t, dtype=dt) for _ in range(3)]
     mask, scale = _meta(b, t, dtype=torch.uint8), _meta(b)  # row_scale: the fp32 compute dtype
@@ -145,7 +145,7 @@ def case_ppo(dt):
     return f"[{b},{t}] dual-clip, value-clip"
 
 
-def case_gaussian_ib(dt):
+def case_gaussian_ib(dt, arch):
     m, d = 8192, 16  # latent_dim 16 (rlp_engine.config)
     x = [_meta(m, d, dtype=dt) for _ in range(4)]
     K_ib.gaussian_skl_forward(*x)
@@ -178,24 +178,26 @@ def _recording(launches):
         JITFunction.run = run
 
 
-def collect(only: str | None = None):
-    """[(op, dtype, shape, kernel, args, kwargs)], one per distinct launch of each case."""
+def collect(archs, only: str | None = None):
+    """[(op, dtype, shape, arch, kernel, args, kwargs)], one per distinct launch of each case and arch
+    (the fused LM head's launcher picks its config per arch; the other launchers ignore the arch)."""
     out = []
     for op, case in CASES.items():
         for dname, dt in DTYPES.items():
-            launches = []
-            with _recording(launches):
-                shape = case(dt)
-            seen = set()
-            for fn, args, kwargs in launches:
-                if only and only not in f"{op}.{fn.__name__}":
-                    continue
-                # Launches that specialise alike (e.g. the backward's equal row chunks) compile once.
-                src, options = specialise(fn, GPUTarget("cuda", 90, 32), args, kwargs)
-                key = (src.hash(), options.num_warps, options.num_stages)
-                if key not in seen:
-                    seen.add(key)
-                    out.append((op, dname, shape, fn, args, kwargs))
+            for arch in archs:
+                launches = []
+                with _recording(launches):
+                    shape = case(dt, arch)
+                seen = set()
+                for fn, args, kwargs in launches:
+                    if only and only not in f"{op}.{fn.__name__}":
+                        continue
+                    # Launches that specialise alike (e.g. the backward's equal row chunks) compile once.
+                    src, options = specialise(fn, GPUTarget("cuda", arch, 32), args, kwargs)
+                    key = (src.hash(), options.num_warps, options.num_stages)
+                    if key not in seen:
+                        seen.add(key)
+                        out.append((op, dname, shape, arch, fn, args, kwargs))
     return out
 
 
@@ -315,20 +317,19 @@ def constexpr_summary(fn, kwargs) -> str:
 
 def compile_triton(archs, only=None) -> list[dict]:
     rows = []
-    for op, dname, shape, fn, args, kwargs in collect(only):
-        for arch in archs:
-            row = {
-                "op": op,
-                "kernel": fn.__name__,
-                "dtype": dname,
-                "shape": shape,
-                "arch": f"sm_{arch}",
-                "config": constexpr_summary(fn, kwargs),
-                "fused_logprob": op == "fused_linear_logprobs" and fn.__name__ in FUSED,
-            }
-            row.update(compile_one(fn, args, kwargs, arch))
-            rows.append(row)
-            print(_status(row), file=sys.stderr, flush=True)
+    for op, dname, shape, arch, fn, args, kwargs in collect(archs, only):
+        row = {
+            "op": op,
+            "kernel": fn.__name__,
+            "dtype": dname,
+            "shape": shape,
+            "arch": f"sm_{arch}",
+            "config": constexpr_summary(fn, kwargs),
+            "fused_logprob": op == "fused_linear_logprobs" and fn.__name__ in FUSED,
+        }
+        row.update(compile_one(fn, args, kwargs, arch))
+        rows.append(row)
+        print(_status(row), file=sys.stderr, flush=True)
     return rows
 
 

@@ -29,10 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-# Bytes per [C, V] scratch buffer of the chunked paths (CPU: one, or two when entropy is involved;
-# GPU: one dz buffer). CPU: 32 MiB (256 rows of a 32k vocab) keeps peak memory near a tenth of the
-# materialising path's while the GEMMs keep most of their rate; GPU: 1 GiB is 4096 rows of a 131k
-# vocab in bf16, large enough for full-rate GEMMs.
+# Bytes per [C, V] scratch buffer (CPU: one or two; GPU: one dz buffer). CPU 32 MiB (256 rows of a 32k
+# vocab): peak memory near a tenth of the materialising path's, GEMMs at most of their rate; GPU 1 GiB
+# (4096 rows of a 131k vocab in bf16): full-rate GEMMs.
 CPU_SCRATCH_BYTES = 32 << 20
 GPU_SCRATCH_BYTES = 1 << 30
 
@@ -301,9 +300,12 @@ def _fwd_kernel(
             ks = k0 + tl.arange(0, BLOCK_H)
             h = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & (ks < H)[None, :], other=0.0)
             w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < H)[None, :], other=0.0)
-            if UPCAST:  # the interpreter has no bf16 arithmetic
-                h = h.to(tl.float32)
+            if UPCAST:  # the interpreter: no bf16 arithmetic; input_precision ignored, so tf32 is
+                h = h.to(tl.float32)  # emulated as the tensor core does it: 13 mantissa bits dropped
                 w = w.to(tl.float32)
+                if PRECISION == "tf32":
+                    h = (h.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+                    w = (w.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
             z = tl.dot(h, tl.trans(w), z, input_precision=PRECISION)
         if HAS_BIAS:
             z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -352,6 +354,9 @@ def _dlogits_kernel(
         if UPCAST:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
+            if PRECISION == "tf32":  # as in _fwd_kernel
+                h = (h.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+                w = (w.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
         z = tl.dot(h, tl.trans(w), z, input_precision=PRECISION)
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -371,42 +376,62 @@ def _dlogits_kernel(
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _config(hidden: torch.Tensor) -> dict:
-    """Fixed tile configs: small ones for the CPU interpreter, Hopper-sized ones on GPU."""
-    if hidden.device.type != "cuda":
-        return dict(BLOCK_N=32, BLOCK_V=256, BLOCK_H=64, UPCAST=True, PRECISION="ieee", num_warps=4)
-    fp32 = hidden.dtype == torch.float32
-    # fp32 inputs get IEEE dots: tf32 would put 1e-3 relative error on every logit.
-    return dict(
-        BLOCK_N=128,
-        BLOCK_V=128,
-        BLOCK_H=32 if fp32 else 64,
-        UPCAST=False,
-        PRECISION="ieee" if fp32 else "tf32",
-        num_warps=8,
-        num_stages=3,
-    )
+# Tensor-core tiles per generation (capability major; newer take 9, older 8): (BLOCK_N, BLOCK_V, BLOCK_H
+# bf16/fp16, BLOCK_H fp32, warps, stages), from the AOT compile (bench/triton_aot.py), untimed. sm_90:
+# 128x128, 3 stages, 194-203 registers, 96 KB shared. sm_80: 128x128 spilled at 255 registers (bf16 8
+# B, IEEE fp32 200 B); 128x64, 4 stages: 181, no spills, 72 KB. Predicted on A100: bf16 0.9-1.1x.
+GPU_TILES = {9: (128, 128, 64, 32, 8, 3), 8: (128, 64, 64, 32, 8, 4)}
+# fp32 inputs on GPU: tf32 operands (truncated by the tensor core: the PTX passes raw fp32 bits), fp32
+# accumulation, not IEEE FFMA; ~1e-3 relative error per logit (tests: TOL_TF32). Predicted 3-5x the
+# IEEE forward on H100 (FFMA 67 TFLOP/s, tf32 wgmma 495). "ieee": exact; "tf32x3": near fp32 at 1/3
+# the tf32 rate. The interpreter ignores input_precision: INTERPRET_PRECISION "tf32" (tests) makes the
+# kernels truncate the operands themselves.
+FP32_PRECISION = "tf32"
+INTERPRET_PRECISION = "ieee"
+# SMs per capability where no device can be asked (the AOT compile); a real device reports its own.
+SM_COUNT = {90: 132, 80: 108, 86: 84, 89: 128, 100: 148}
 
 
-def _splits(n_tiles: int, n_rows: int, device: torch.device) -> int:
-    """Vocab slices per row block. On GPU 16: the ~SM-count programs running together then cover
-    about 8 row blocks x 16 slices, so h (8 blocks) and W (16 tiles) both stay in L2 (about 24 MB at
-    H=4096 bf16); S=1 would keep ~130 row blocks of h in flight and stream them from HBM for every
-    vocab tile. Fewer for millions of rows, so that the [4, S, N] fp32 partials stay under 256 MB.
-    On CPU 3, so that the tests exercise the combine."""
+def _device_info(device: torch.device) -> tuple[int | None, int | None]:
+    """(compute capability as 90/80/..., SM count) of a CUDA device; (None, None) elsewhere."""
     if device.type != "cuda":
+        return None, None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor, torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _config(dtype: torch.dtype, arch: int | None) -> dict:
+    """Tile config: small tiles for the CPU interpreter (arch None), GPU_TILES by generation."""
+    if arch is None:
+        return dict(BLOCK_N=32, BLOCK_V=256, BLOCK_H=64, UPCAST=True, PRECISION=INTERPRET_PRECISION,
+                    num_warps=4)  # fmt: skip
+    bn, bv, bh16, bh32, warps, stages = GPU_TILES[min(max(arch // 10, 8), 9)]
+    fp32 = dtype == torch.float32  # bf16/fp16 dots ignore PRECISION
+    prec = FP32_PRECISION if fp32 else "tf32"
+    return dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh32 if fp32 else bh16, UPCAST=False, PRECISION=prec,
+                num_warps=warps, num_stages=stages)  # fmt: skip
+
+
+def _splits(n_tiles: int, n_rows: int, block_n: int, sms: int | None) -> int:
+    """Vocab slices per row block. GPU: >= 16, so the ~SM-count programs running together cover ~8 row
+    blocks x 16 slices and h and W stay in L2 (~24 MB at H=4096 bf16); more when rows are few, to fill
+    two waves of SMs (N=512: 64 programs on 132 SMs became 264; predicted 1.8-2x the forward at N <=
+    1024 on H100, same from N=2048); fewer for millions of rows ([4, S, N] fp32 partials <= 256 MB).
+    CPU (sms None): 3, so that the tests exercise the combine."""
+    if sms is None:
         return min(n_tiles, 3)
-    return max(1, min(n_tiles, 16, (1 << 26) // (4 * max(n_rows, 1))))
+    fill = triton.cdiv(2 * sms, triton.cdiv(max(n_rows, 1), block_n))
+    return max(1, min(n_tiles, max(16, fill), (1 << 26) // (4 * max(n_rows, 1))))
 
 
 def triton_forward(hidden, weight, bias, labels, inv_t, ignore_index, need_entropy):
     """hidden [N, H], weight [V, H] (same dtype, last dim contiguous), labels [N] int64
     -> (logprob [N] fp32, entropy [N] fp32 | None, lse [N] fp32)."""
-    n, h_dim = hidden.shape
-    vocab = weight.shape[0]
-    cfg = _config(hidden)
+    (n, h_dim), vocab = hidden.shape, weight.shape[0]
+    arch, sms = _device_info(hidden.device)
+    cfg = _config(hidden.dtype, arch)
     n_tiles = triton.cdiv(vocab, cfg["BLOCK_V"])
-    splits = _splits(n_tiles, n, hidden.device)
+    splits = _splits(n_tiles, n, cfg["BLOCK_N"], sms)
     per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, per_split)  # no empty slice
     part = torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device)
@@ -432,9 +457,8 @@ def triton_forward(hidden, weight, bias, labels, inv_t, ignore_index, need_entro
 def triton_backward(hidden, weight, bias, labels, lse, ent, g_lp, g_ent, inv_t, ignore_index):
     """dz per chunk of rows from the Triton tile kernel, then two GEMMs per chunk.
     Returns (grad_hidden, grad_weight, grad_bias | None)."""
-    n, h_dim = hidden.shape
-    vocab = weight.shape[0]
-    cfg = _config(hidden)
+    (n, h_dim), vocab = hidden.shape, weight.shape[0]
+    cfg = _config(hidden.dtype, _device_info(hidden.device)[0])
     # Whole row blocks per chunk: a partial block would waste the tile.
     block = cfg["BLOCK_N"]
     c = min(n, max(block, rows_per_chunk(n, vocab, hidden.element_size(), hidden.device) // block * block))

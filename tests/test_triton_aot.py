@@ -24,21 +24,6 @@ SCRIPT = ROOT / "bench" / "triton_aot.py"
 ARCHS = ("sm_90", "sm_80")
 FUSED = ("_fwd_kernel", "_dlogits_kernel")
 
-# Spills found by the first AOT compile (triton 3.9, ptxas 12.9), to be fixed by the kernel rework:
-# strict, so each turns into a failure (to delete here) once the kernel stops spilling.
-_FP32_FWD = (
-    "fp32 IEEE forward at BLOCK_N=BLOCK_V=128, BLOCK_H=32, 8 warps: the FFMA accumulator tile plus the "
-    "online-logsumexp epilogue need more than 255 registers (spill-free at BLOCK_V=64)"
-)
-KNOWN_SPILLS = {
-    ("_fwd_kernel", "fp32", "sm_90"): _FP32_FWD + "; sm_90: 64 B stores / 48 B loads",
-    ("_fwd_kernel", "fp32", "sm_80"): _FP32_FWD + "; sm_80: 200 B stores / 132 B loads",
-    ("_fwd_kernel", "bf16", "sm_80"): (
-        "bf16 forward on sm_80 with the Hopper-sized config (128x128x64, 3 stages): 255 registers, "
-        "8 B spill stores / 8 B loads (spill-free with num_stages=2)"
-    ),
-}
-
 
 def _run(*args: str, timeout: int) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -96,17 +81,12 @@ def test_every_kernel_in_kernels_dir_is_compiled(aot):
     assert not expected - seen, f"not compiled: {sorted(expected - seen)}"
 
 
-@pytest.mark.parametrize(
-    "kernel,dtype,arch",
-    [
-        pytest.param(k, d, a, marks=pytest.mark.xfail(strict=True, reason=KNOWN_SPILLS[(k, d, a)]))
-        if (k, d, a) in KNOWN_SPILLS
-        else (k, d, a)
-        for k in FUSED
-        for d in ("bf16", "fp32")
-        for a in ARCHS
-    ],
-)
+# The first AOT compile (Hopper tiles on every GPU, IEEE fp32) spilled in _fwd_kernel: fp32 on sm_90
+# (64 / 48 B) and sm_80 (200 / 132 B), bf16 on sm_80 (8 / 8 B). The launcher now picks tiles per arch
+# (kernels/fused_linear_logprobs.py GPU_TILES) and tf32 dots for fp32; these were strict xfails then.
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("kernel", FUSED)
 def test_fused_logprob_kernels_do_not_spill(aot, kernel, dtype, arch):
     r = _row(aot[0], kernel, dtype, arch)
     assert "error" not in r, r["error"]
@@ -117,12 +97,15 @@ def test_fused_logprob_kernels_do_not_spill(aot, kernel, dtype, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("kernel", FUSED)
-def test_fused_logprob_kernels_use_tensor_cores_in_bf16(aot, kernel, arch):
+def test_fused_logprob_kernels_use_tensor_cores(aot, kernel, dtype, arch):
     # sm_90: Hopper's wgmma (HGMMA in the SASS); sm_80: mma.sync (HMMA). An HMMA-only or FFMA-only
-    # Hopper build would run the GEMM far below the tensor-core rate.
-    r = _row(aot[0], kernel, "bf16", arch)
+    # Hopper build would run the GEMM far below the tensor-core rate. fp32 inputs take tf32 operands
+    # (PRECISION=tf32, fp32 accumulation): they were IEEE dots on FFMA before.
+    r = _row(aot[0], kernel, dtype, arch)
     assert "error" not in r, r["error"]
+    assert "PRECISION=tf32" in r["config"], r["config"]
     if arch == "sm_90":
         assert r["ptx_wgmma"] > 0 and r["sass_hgmma"] > 0, r
         assert r["ptx_mma_sync"] == 0 and r["sass_hmma"] == 0, r
@@ -130,16 +113,12 @@ def test_fused_logprob_kernels_use_tensor_cores_in_bf16(aot, kernel, arch):
         assert r["ptx_mma_sync"] > 0 and r["sass_hmma"] > 0, r
 
 
-@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kernel", FUSED)
-def test_fused_logprob_kernels_fp32_stay_ieee(aot, kernel, arch):
-    # fp32 inputs get IEEE dots (PRECISION="ieee"): tensor cores only take tf32 operands, which would
-    # put ~1e-3 relative error on every logit, so the fp32 configs must show no matrix instruction.
-    # They run on FFMA: this is the recorded state, not a missing wgmma.
-    r = _row(aot[0], kernel, "fp32", arch)
-    assert "error" not in r, r["error"]
-    assert "PRECISION=ieee" in r["config"], r["config"]
-    assert (r["ptx_wgmma"], r["ptx_mma_sync"], r["sass_hgmma"], r["sass_hmma"]) == (0, 0, 0, 0), r
+def test_fused_logprob_tiles_are_per_arch(aot, kernel):
+    # The launcher's per-arch tiles reach the compile: 128x128 on sm_90, 128x64 on sm_80.
+    for dtype in ("bf16", "fp32"):
+        assert "BLOCK_V=128" in _row(aot[0], kernel, dtype, "sm_90")["config"]
+        assert "BLOCK_V=64" in _row(aot[0], kernel, dtype, "sm_80")["config"]
 
 
 def test_compile_error_is_reported():
