@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also under PYTHONSAFEPATH
-from common import add_csv_args, device_name, peak_memory_mb, print_table, save_rows, time_fn  # noqa: E402
+from common import CSV_PATH, add_csv_args, device_name, peak_memory_mb, print_table, save_rows, time_fn  # noqa: E402
 
 import rlp_engine.ops.fused_preference as FP  # noqa: E402
 
@@ -42,7 +41,6 @@ SHAPES = {
     "wide": dict(b=1, t=256, h=512, v=131072),
     "tiny": dict(b=2, t=16, h=32, v=256),  # a smoke run of the script
 }
-OUT_OF_TREE = Path(tempfile.gettempdir()) / "rlp-engine-bench" / "results.csv"
 BETA = {"dpo": 0.1, "simpo": 2.0}
 
 
@@ -140,7 +138,7 @@ def run_shape(name, loss, args, reps):
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
-        epilog=f"This script's default CSV is {OUT_OF_TREE} (outside the tree); "
+        epilog=f"The default CSV is {CSV_PATH} (outside the tree); "
         "record a run with --csv bench/results.csv.",
     )
     parser.add_argument("--shapes", default="base,wide", help="comma list of: " + ", ".join(SHAPES))
@@ -151,9 +149,6 @@ def main():
     parser.add_argument("--liger-compiled", action="store_true", help="also time Liger with torch.compile")
     add_csv_args(parser)
     args = parser.parse_args()
-    if not any(a == "--csv" or a.startswith("--csv=") for a in sys.argv[1:]):
-        args.csv = OUT_OF_TREE
-        OUT_OF_TREE.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     rows = []
     for loss in args.losses.split(","):

@@ -1,8 +1,12 @@
 """Shared bench helpers: median timing, peak memory, device/commit stamps, table and CSV output.
 
-Every bench script times each variant as the median of several runs after warm-up, reports the
-ratio against the baseline measured in the same run, and appends its rows to bench/results.csv
-(`--csv PATH` elsewhere, `--no-csv` nowhere: `add_csv_args` and `save_rows`).
+Every bench script times each variant as the median of several runs after warm-up (`time_stats`:
+min/median/max of the repeats), reports the ratio against the baseline measured in the same run, and
+appends its rows to a CSV outside the tree (CSV_PATH; `--csv PATH` elsewhere, e.g. the tracked
+bench/results.csv that bench/summarize.py reads and scripts/bench.sh records to; `--no-csv` nowhere:
+`add_csv_args` and `save_rows`). Every row records the conditions it ran under: torch's thread count
+(`--threads`, `add_threads_arg`), the 1-minute load average when the rows were written, torch and
+triton versions. GPU floors: `GPU_PEAKS` (H100 SXM and H200 side by side).
 """
 
 from __future__ import annotations
@@ -15,14 +19,37 @@ import platform
 import resource
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
-CSV_PATH = BENCH_DIR / "results.csv"
-CSV_FIELDS = ["date", "commit", "device", "bench", "variant", "shape", "median_ms", "ratio", "peak_mb"]
+# A bench run leaves the tree alone unless told: rows go to the temp dir by default, and to the
+# tracked record (RECORD_CSV, read by bench/summarize.py) only with --csv bench/results.csv.
+RECORD_CSV = BENCH_DIR / "results.csv"
+CSV_PATH = Path(tempfile.gettempdir()) / "rlp-engine-bench" / "results.csv"
+CSV_FIELDS = [
+    "date", "commit", "device", "bench", "variant", "shape", "median_ms", "ratio", "peak_mb",
+    "min_ms", "max_ms", "reps", "threads", "loadavg", "torch", "triton",
+]  # fmt: skip
+# Dense (no sparsity) peaks of the GPUs this project runs on, for the floors: HBM bytes/s and bf16
+# tensor-core FLOP/s. The H200 is the H100 SXM's GH100 at the same clocks with HBM3e (141 GB).
+GPU_PEAKS = {
+    "H100 SXM": {"hbm_bytes_per_s": 3.35e12, "bf16_flops": 989e12},
+    "H200": {"hbm_bytes_per_s": 4.8e12, "bf16_flops": 989e12},
+}
+
+
+def floor_note(nbytes: float = 0.0, flops: float = 0.0) -> str:
+    """'H100 SXM 7.8 us, H200 5.4 us': the time floor of moving nbytes through HBM and doing flops
+    bf16 tensor-core FLOPs (whichever bounds), on each GPU of GPU_PEAKS."""
+    parts = []
+    for name, peak in GPU_PEAKS.items():
+        s = max(nbytes / peak["hbm_bytes_per_s"], flops / peak["bf16_flops"])
+        parts.append(f"{name} {s * 1e6:.3g} us" if s < 1e-3 else f"{name} {s * 1e3:.4g} ms")
+    return ", ".join(parts)
 
 
 def commit() -> str:
@@ -56,8 +83,9 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_fn(fn, device="cpu", warmup: int = 2, reps: int = 7) -> float:
-    """Median wall time of fn() in milliseconds over `reps` runs after `warmup` runs."""
+def time_stats(fn, device="cpu", warmup: int = 2, reps: int = 7) -> dict:
+    """{min_ms, median_ms, max_ms, reps}: wall time of fn() over `reps` runs after `warmup` runs (the
+    keys of a CSV row: `dict(variant=..., **time_stats(fn))`)."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -67,7 +95,22 @@ def time_fn(fn, device="cpu", warmup: int = 2, reps: int = 7) -> float:
         fn()
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return spread(times)
+
+
+def spread(times_ms: list[float]) -> dict:
+    """{min_ms, median_ms, max_ms, reps} of repeated timings in milliseconds."""
+    return {
+        "min_ms": min(times_ms),
+        "median_ms": statistics.median(times_ms),
+        "max_ms": max(times_ms),
+        "reps": len(times_ms),
+    }
+
+
+def time_fn(fn, device="cpu", warmup: int = 2, reps: int = 7) -> float:
+    """Median wall time of fn() in milliseconds over `reps` runs after `warmup` runs."""
+    return time_stats(fn, device, warmup, reps)["median_ms"]
 
 
 def _rss_bytes() -> int:
@@ -111,9 +154,12 @@ def peak_memory_mb(fn, device="cpu") -> float:
 
 
 def print_table(title: str, rows: list[dict]) -> None:
-    cols = ["variant", "shape", "median_ms", "ratio", "peak_mb"]
+    cols = ["variant", "shape", "median_ms", "min_ms", "max_ms", "ratio", "peak_mb"]
+    cols = [c for c in cols if c in ("variant", "shape") or any(r.get(c) is not None for r in rows)]
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
     print(f"\n{title}")
+    e = conditions()
+    print(f"({e['threads']} threads, load average {e['loadavg']}, torch {e['torch']}, triton {e['triton']})")
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in cols))
@@ -125,14 +171,46 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def conditions() -> dict:
+    """What a timing depends on besides the code: torch's threads, the 1/5/15-minute load averages
+    (another process on the cores stretches every figure), torch and triton versions."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    load = "/".join(f"{x:.2f}" for x in os.getloadavg())
+    threads = torch.get_num_threads()
+    return {"threads": threads, "loadavg": load, "torch": torch.__version__, "triton": triton_version}
+
+
+def _upgrade_header(path: Path) -> None:
+    """Rewrite a CSV written with fewer columns under CSV_FIELDS (old rows keep empty new cells), so
+    appended rows line up with the header."""
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames == CSV_FIELDS:
+            return
+        rows = list(reader)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k) for k in CSV_FIELDS} for r in rows)
+
+
 def append_csv(bench: str, device, rows: list[dict], path: Path = CSV_PATH) -> None:
-    """Append rows (dicts with variant, shape, median_ms, ratio, peak_mb) stamped with date/commit/device."""
-    new = not path.exists()
+    """Append rows (dicts with variant, shape, median_ms and optionally min_ms, max_ms, reps, ratio,
+    peak_mb) stamped with date, commit, device and `conditions()`."""
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        _upgrade_header(path)
     stamp = {
         "date": datetime.date.today().isoformat(),
         "commit": commit(),
         "device": device_name(device),
         "bench": bench,
+        **conditions(),
     }
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
@@ -140,6 +218,21 @@ def append_csv(bench: str, device, rows: list[dict], path: Path = CSV_PATH) -> N
             writer.writeheader()
         for r in rows:
             writer.writerow({**stamp, **{k: r.get(k) for k in CSV_FIELDS if k in r}})
+
+
+def add_threads_arg(parser: argparse.ArgumentParser, default: int | None = None) -> None:
+    """`--threads N`: torch's CPU threads for the run (recorded in every row); `set_threads(args)`."""
+    shown = "torch's default: one per core" if default is None else default
+    parser.add_argument(
+        "--threads", type=int, default=default, metavar="N", help=f"CPU threads for torch (default: {shown})"
+    )
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """torch.set_num_threads(args.threads) when given (on a loaded machine an OpenMP barrier waits
+    for descheduled threads, ~10 ms a region: fewer threads than cores can be faster)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def add_csv_args(parser: argparse.ArgumentParser) -> None:
@@ -150,7 +243,8 @@ def add_csv_args(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=CSV_PATH,
         metavar="PATH",
-        help="append the rows to this CSV (default: bench/results.csv, which bench/summarize.py reads)",
+        help=f"append the rows to this CSV (default: {CSV_PATH}, outside the tree; bench/results.csv is "
+        "the record bench/summarize.py reads)",
     )
     group.add_argument("--no-csv", action="store_true", help="print the table only; write no CSV")
 
@@ -158,4 +252,6 @@ def add_csv_args(parser: argparse.ArgumentParser) -> None:
 def save_rows(args: argparse.Namespace, bench: str, device, rows: list[dict]) -> None:
     """append_csv to args.csv, unless --no-csv (args from a parser given `add_csv_args`)."""
     if not args.no_csv:
-        append_csv(bench, device, rows, path=args.csv)
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        append_csv(bench, device, rows, path=Path(args.csv))
+        print(f"{len(rows)} rows appended to {args.csv}")

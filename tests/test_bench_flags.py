@@ -80,3 +80,18 @@ def test_csv_and_no_csv_together_are_refused(capsys):
         parser.parse_args(["--no-csv", "--csv", "x.csv"])
     assert stop.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_the_default_csv_is_outside_the_tree(tmp_path, monkeypatch):
+    common = _common()
+    parser = argparse.ArgumentParser()
+    common.add_csv_args(parser)
+    default = Path(parser.parse_args([]).csv).resolve()
+    assert BENCH.parent.resolve() not in default.parents  # a plain bench run changes no tracked file
+    assert common.RECORD_CSV == BENCH / "results.csv"
+    # save_rows creates the default's directory (a fresh temp dir holds none)
+    monkeypatch.setattr(common, "CSV_PATH", tmp_path / "new" / "results.csv")
+    parser = argparse.ArgumentParser()
+    common.add_csv_args(parser)
+    common.save_rows(parser.parse_args([]), "toy", "cpu", [{"variant": "v", "shape": "s", "median_ms": 1.5}])
+    assert [r["variant"] for r in csv.DictReader((tmp_path / "new" / "results.csv").open())] == ["v"]
