@@ -32,7 +32,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_csv_args, peak_memory_mb, print_table, save_rows, time_fn  # noqa: E402
+from common import (  # noqa: E402
+    add_csv_args,
+    add_threads_arg,
+    peak_memory_mb,
+    print_table,
+    save_rows,
+    set_threads,
+    time_stats,
+)
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from rlp_engine.engine.generator import Generator, pad_prompts  # noqa: E402
@@ -68,13 +76,13 @@ def sync_rows(hidden: int, layers: int, vocab: int, device) -> list[dict]:
     full = lambda: full_state_dict_sync(src, dst)
     bucketed = lambda: sync_to_module(src, dst, bucket_mb=16)
     base_mb, mb = peak_memory_mb(full, device), peak_memory_mb(bucketed, device)
-    base_ms = time_fn(full, device, warmup=1, reps=3)
-    ms = time_fn(bucketed, device, warmup=1, reps=3)
+    base = time_stats(full, device, warmup=1, reps=3)
+    ours = time_stats(bucketed, device, warmup=1, reps=3)
+    base_ms, ms = base["median_ms"], ours["median_ms"]
     n_buckets = bucketed().buckets
     return [
-        {"variant": "full_state_dict", "shape": shape, "median_ms": base_ms, "ratio": 1.0,
-         "peak_mb": base_mb},
-        {"variant": f"bucketed_16MB ({n_buckets} buckets)", "shape": shape, "median_ms": ms,
+        {"variant": "full_state_dict", "shape": shape, **base, "ratio": 1.0, "peak_mb": base_mb},
+        {"variant": f"bucketed_16MB ({n_buckets} buckets)", "shape": shape, **ours,
          "ratio": base_ms / ms, "peak_mb": mb},
     ]  # fmt: skip
 
@@ -98,12 +106,13 @@ def bench_generate(device, batch: int = 64, new_tokens: int = 64) -> list[dict]:
     )  # fmt: skip
     shape = f"B={batch} P<=16 N={new_tokens}"
     tokens = batch * new_tokens
-    hf_ms = time_fn(hf, device, warmup=1, reps=5)
-    ms = time_fn(ours, device, warmup=1, reps=5)
+    hf_t = time_stats(hf, device, warmup=1, reps=5)
+    t = time_stats(ours, device, warmup=1, reps=5)
+    hf_ms, ms = hf_t["median_ms"], t["median_ms"]
     return [
-        {"variant": f"hf_generate ({tokens / hf_ms * 1e3:.0f} tok/s)", "shape": shape, "median_ms": hf_ms,
+        {"variant": f"hf_generate ({tokens / hf_ms * 1e3:.0f} tok/s)", "shape": shape, **hf_t,
          "ratio": 1.0, "peak_mb": peak_memory_mb(hf, device)},
-        {"variant": f"builtin ({tokens / ms * 1e3:.0f} tok/s)", "shape": shape, "median_ms": ms,
+        {"variant": f"builtin ({tokens / ms * 1e3:.0f} tok/s)", "shape": shape, **t,
          "ratio": hf_ms / ms, "peak_mb": peak_memory_mb(ours, device)},
     ]  # fmt: skip
 
@@ -117,10 +126,10 @@ def main() -> None:
         )
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1)
+    add_threads_arg(parser, default=1)
     add_csv_args(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     device = torch.device(args.device)
     with torch.no_grad():
         sync_rows = bench_sync(device)

@@ -30,7 +30,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also under PYTHONSAFEPATH
-from common import add_csv_args, device_name, peak_memory_mb, print_table, save_rows, time_fn  # noqa: E402
+from common import (  # noqa: E402
+    add_csv_args,
+    add_threads_arg,
+    device_name,
+    floor_note,
+    peak_memory_mb,
+    print_table,
+    save_rows,
+    set_threads,
+    time_stats,
+)
 
 from rlp_engine.ops import fused_linear_logprobs, fused_linear_ppo_loss, ppo_policy_loss  # noqa: E402
 
@@ -98,10 +108,8 @@ def run(args):
     rows = []
 
     def measure(label, fn):
-        ms = time_fn(fn, device, **reps)
-        rows.append(
-            {"variant": label, "shape": shape, "median_ms": ms, "peak_mb": peak_memory_mb(fn, device)}
-        )
+        t = time_stats(fn, device, **reps)
+        rows.append({"variant": label, "shape": shape, **t, "peak_mb": peak_memory_mb(fn, device)})
 
     for name, f in variants(device).items():
 
@@ -150,8 +158,10 @@ def main():
     parser.add_argument("--n", type=int)
     parser.add_argument("--hidden", type=int)
     parser.add_argument("--vocab", type=int)
+    add_threads_arg(parser)
     add_csv_args(parser)
     args = parser.parse_args()
+    set_threads(args)
     gpu = args.device == "cuda"
     args.n = args.n or (16384 if gpu else 4096)
     args.hidden = args.hidden or (4096 if gpu else 512)
@@ -163,6 +173,9 @@ def main():
     for r in rows:
         if "matmul_rate_pct" in r:
             print(f"  {r['variant']}: {r['matmul_rate_pct']:.0f}% of the cuBLAS matmul rate")
+    n, h, v = args.n, args.hidden, args.vocab
+    print(f"  GPU floors, forward 2NHV: {floor_note(flops=2 * n * h * v)}; fwd+bwd 8NHV (recompute): "
+          f"{floor_note(flops=8 * n * h * v)}")  # fmt: skip
     save_rows(args, "fused_linear", args.device, rows)
 
 

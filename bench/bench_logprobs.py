@@ -4,9 +4,9 @@ entropy_from_logits: logsumexp(z) - sum(softmax(z) * z)), same run, same inputs.
 
 Floor. Forward reads the logits once (a row of 32000 fp32 is 128 KB: the second pass hits cache) and
 backward reads them again and writes the gradient: 3 N V elements of traffic. GPU, N=8192,
-V=131072 bf16: 6.4 GB, about 1.9 ms at 3.35 TB/s (H100 SXM). CPU, N=4096, V=32000 fp32: 1.6 GB of
-traffic, but two exp() a logit (one forward, one backward) dominate: a ~15-flop polynomial on 4-wide
-vectors over 2 cores is about 50 ms forward and 60 ms backward.
+V=131072 bf16: 6.4 GB, about 1.9 ms at 3.35 TB/s (H100 SXM), 1.3 ms at 4.8 TB/s (H200). CPU, N=4096,
+V=32000 fp32: 1.6 GB of traffic, but two exp() a logit (one forward, one backward) dominate: a
+~15-flop polynomial on 4-wide vectors over 2 cores is about 50 ms forward and 60 ms backward.
 
 Prediction. CPU (2 cores): C++ forward about 100 ms, forward+backward about 250 ms; verl's eager
 code materialises 4-5 [N, V] fp32 temporaries (log_softmax, softmax, softmax * z, and their
@@ -31,11 +31,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also under PYTHONSAFEPATH
-from common import add_csv_args, device_name, peak_memory_mb, print_table, save_rows, time_fn  # noqa: E402
+from common import (  # noqa: E402
+    GPU_PEAKS,
+    add_csv_args,
+    add_threads_arg,
+    device_name,
+    peak_memory_mb,
+    print_table,
+    save_rows,
+    set_threads,
+    time_stats,
+)
 
 from rlp_engine.ops import logprobs_from_logits  # noqa: E402
 
-HBM_BYTES_PER_S = 3.35e12  # H100 SXM
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -86,9 +95,9 @@ def run(args) -> list[dict]:
     for name, fn, baseline in variants:
         reps = args.reps if baseline else max(3, args.reps // 2)  # the eager baseline is the slow one
         with torch.no_grad() if "bwd" not in name else torch.enable_grad():
-            ms = time_fn(fn, device, warmup=1, reps=reps)
-        times[name] = ms
-        row = dict(variant=name, shape=shape, median_ms=ms, peak_mb=peak_memory_mb(fn, device))
+            st = time_stats(fn, device, warmup=1, reps=reps)
+        ms = times[name] = st["median_ms"]
+        row = dict(variant=name, shape=shape, **st, peak_mb=peak_memory_mb(fn, device))
         row["ratio"] = times[baseline] / ms if baseline else 1.0
         rows.append(row)
     return rows
@@ -103,8 +112,9 @@ def floor_lines(rows: list[dict], args) -> None:
             f"{row['variant']}: {nbytes / 1e9:.2f} GB -> {nbytes / (row['median_ms'] * 1e-3) / 1e9:.1f} GB/s"
         )
         if torch.device(args.device).type == "cuda":
-            floor_ms = nbytes / HBM_BYTES_PER_S * 1e3
-            line += f"; floor {floor_ms:.2f} ms, {row['median_ms'] / floor_ms:.1f}x the floor"
+            for gpu, peak in GPU_PEAKS.items():
+                floor_ms = nbytes / peak["hbm_bytes_per_s"] * 1e3
+                line += f"; {gpu} floor {floor_ms:.2f} ms ({row['median_ms'] / floor_ms:.1f}x)"
         print(line)
 
 
@@ -115,7 +125,7 @@ def main():
     parser.add_argument("--V", type=int, default=None)
     parser.add_argument("--dtype", default=None, choices=tuple(DTYPES))
     parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch and the OpenMP ops)")
+    add_threads_arg(parser)
     add_csv_args(parser)
     args = parser.parse_args()
     cuda = torch.device(args.device).type == "cuda"
@@ -123,8 +133,7 @@ def main():
     args.V = args.V or (131072 if cuda else 32000)
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     args.reps = args.reps or (21 if cuda else 5)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     torch.manual_seed(0)
     rows = run(args)
     print_table(f"log-probs + entropy on {device_name(args.device)} (ratio = verl ms / variant ms)", rows)

@@ -32,7 +32,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also under PYTHONSAFEPATH
-from common import CSV_PATH, add_csv_args, device_name, peak_memory_mb, print_table, save_rows, time_fn  # noqa: E402
+from common import (  # noqa: E402
+    CSV_PATH,
+    add_csv_args,
+    add_threads_arg,
+    device_name,
+    peak_memory_mb,
+    print_table,
+    save_rows,
+    set_threads,
+    time_stats,
+)
 
 import rlp_engine.ops.fused_preference as FP  # noqa: E402
 
@@ -114,8 +124,9 @@ def run_shape(name, loss, args, reps):
     rows = []
 
     def measure(label, fn):
-        ms = time_fn(fn, "cpu", **reps)
-        rows.append({"variant": label, "shape": shape, "median_ms": ms, "peak_mb": peak_memory_mb(fn)})
+        st = time_stats(fn, "cpu", **reps)  # min/median/max of the repeats, into the row
+        ms = st["median_ms"]
+        rows.append({"variant": label, "shape": shape, **st, "peak_mb": peak_memory_mb(fn)})
         print(f"  {label}: {ms:.0f} ms", flush=True)
 
     if loss == "dpo":  # the GEMM floor once per shape
@@ -147,8 +158,10 @@ def main():
         "--reps", type=int, default=3, help="timed runs per variant (median), after 1 warm-up"
     )
     parser.add_argument("--liger-compiled", action="store_true", help="also time Liger with torch.compile")
+    add_threads_arg(parser)
     add_csv_args(parser)
     args = parser.parse_args()
+    set_threads(args)
     torch.manual_seed(0)
     rows = []
     for loss in args.losses.split(","):
