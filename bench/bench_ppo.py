@@ -80,7 +80,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_csv_args, print_table, save_rows, sync  # noqa: E402
+from common import add_csv_args, print_table, save_rows, spread, sync  # noqa: E402
 
 from rlp_engine.algos.ppo import init_ppo, ppo_step  # noqa: E402
 from rlp_engine.config import load_config  # noqa: E402
@@ -307,18 +307,17 @@ def bench_size(size: str, device, steps: int, with_trl: bool, threads: int = 1) 
     ratio = None
     if trl_runs:
         trl_s = statistics.median(trl_runs[1:])
-        rows.append(
-            {"variant": "trl PPOTrainer step", "shape": shape, "median_ms": trl_s * 1e3, "ratio": 1.0}
-        )
+        trl_ms = spread([s * 1e3 for s in trl_runs[1:]])  # min/median/max of the timed steps
+        rows.append({"variant": "trl PPOTrainer step", "shape": shape, **trl_ms, "ratio": 1.0})
         ratio = trl_s / med["step"]
-    rows.append({"variant": "ours ppo_step", "shape": shape, "median_ms": med["step"] * 1e3, "ratio": ratio})
+    ours_ms = spread([r["step"] * 1e3 for r in ours_runs[1:]])
+    rows.append({"variant": "ours ppo_step", "shape": shape, **ours_ms, "ratio": ratio})
     tok_s = med["tokens"] / max(med["generation"], 1e-9)
     for k in ("switch", *PHASES):
         label = f"ours {k}" + (f" ({tok_s:.0f} tok/s)" if k == "generation" else "")
         label += " (share of step in ratio)"
-        rows.append(
-            {"variant": label, "shape": shape, "median_ms": med[k] * 1e3, "ratio": med[k] / med["step"]}
-        )
+        phase_ms = spread([r[k] * 1e3 for r in ours_runs[1:]])
+        rows.append({"variant": label, "shape": shape, **phase_ms, "ratio": med[k] / med["step"]})
     print(f"[bench_ppo] {size}: ours steps s {[round(r['step'], 3) for r in ours_runs]}, trl {trl_runs}")
     return rows
 
