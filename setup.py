@@ -29,11 +29,15 @@ if with_cuda:
 else:
     ext = CppExtension("rlp_engine._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
 
-packages = [p for p in find_packages(include=["rlp_engine", "rlp_engine.*"])] + ["rlp_engine.kernels"]
+# rlp_engine/kernels is a committed symlink to the top-level kernels/, which has no __init__.py: a
+# namespace directory loses to any installed regular `kernels` package, so `import kernels` run from the
+# repo root (cwd first on sys.path) finds Hugging Face's `kernels`, which transformers >= 5.25 imports,
+# never ours. find_packages skips a directory without __init__.py, hence the explicit name; the wheel
+# gets the files as rlp_engine/kernels/*.py and an editable install finds them through the symlink.
+packages = find_packages(include=["rlp_engine", "rlp_engine.*"]) + ["rlp_engine.kernels"]
 
 setup(
     packages=packages,
-    package_dir={"rlp_engine": "rlp_engine", "rlp_engine.kernels": "kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
