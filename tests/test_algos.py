@@ -8,18 +8,18 @@ import random
 import pytest
 import torch
 
+from rlp_engine import ops
 from rlp_engine.algos import (
     PolicySamples,
     bt_loss,
     cluster,
-    init_ppo,
-    make_experience,
     shaped_rewards,
     spg_pair,
     synthetic_preferences,
 )
-from rlp_engine.algos.ppo import ppo_losses, tis_weights, train_on_experience
-from rlp_engine.algos.rlp import EQUIVALENCES, MultiViewData, ib_loss_fn
+from rlp_engine.algos.rlp import EQUIVALENCES, MultiViewData
+from rlp_engine.recipes.ppo import init_ppo, make_experience, ppo_losses, train_on_experience
+from rlp_engine.recipes.rlp import ib_aux_loss
 from rlp_engine.config import load_config
 from rlp_engine.engine.generate import sample
 from rlp_engine.engine.metrics import Throughput
@@ -117,7 +117,7 @@ def test_uml_loss_reaches_encoder_and_backbone(tiny):
     rm = ScalarHeadModel.from_causal_lm(policy)
     rm.encoder = GaussianEncoder(rm.head.in_features, 4)
     samples = PolicySamples(["1+1=", "2+2=", "3+3="], [["2", "3"], ["4", "5"], ["6", "7"]])
-    loss, metrics = ib_loss_fn(rm, MultiViewData(tok, samples, cfg.data), 3, beta=1.0, lam=0.5, seed=0)(0, rm)
+    loss, metrics = ib_aux_loss(rm, MultiViewData(tok, samples, cfg.data), 3, beta=1.0, lam=0.5, seed=0).loss(0, rm)
     loss.backward()
     assert torch.isfinite(loss) and set(metrics) == {"ib_loss", "mi", "skl", "ib_beta", "mu_std", "mu_norm"}
     assert rm.encoder.mu[0].weight.grad.abs().sum() > 0
@@ -150,7 +150,7 @@ def test_tis_weights_truncate_the_trainer_over_generator_ratio():
     torch.manual_seed(3)
     trainer, gen = torch.randn(4, 7) - 2.0, torch.randn(4, 7) - 2.0
     mask = (torch.rand(4, 7) > 0.3).float()
-    got = tis_weights(trainer, gen, mask, cap=1.5)
+    got = ops.truncated_is_weights(trainer, gen, mask, cap=1.5)
     want = torch.minimum((trainer.double() - gen.double()).exp(), torch.tensor(1.5, dtype=torch.float64))
     torch.testing.assert_close(got.double(), want * mask, rtol=1e-6, atol=1e-7)
     assert got.max() <= 1.5 and (got[mask == 0] == 0).all()

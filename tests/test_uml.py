@@ -10,15 +10,9 @@ import random
 import pytest
 import torch
 
-from rlp_engine.algos.rlp import (
-    MultiViewData,
-    PolicySamples,
-    beta_at,
-    encoder_spread,
-    ib_loss_fn,
-    rlp_uml,
-    uml_diagnostics,
-)
+from rlp_engine.algos.rlp import MultiViewData, PolicySamples, beta_at, encoder_spread, uml_diagnostics
+from rlp_engine.recipes.rlp import ib_aux_loss, rlp_uml
+from rlp_engine.recipes.scaffold import TrainContext
 from rlp_engine.config import UMLConfig, load_config
 from rlp_engine.data.records import Preference
 from rlp_engine.models import GaussianEncoder, ScalarHeadModel, tiny_llama, train_byte_tokenizer
@@ -45,7 +39,7 @@ def _train(setting, steps: int, **uml):
     cfg, tok, samples, pairs = setting
     ucfg = dataclasses.replace(cfg.uml, steps=steps, batch_size=8, ib_batch_size=16, latent_dim=8, **uml)
     policy = tiny_llama(cfg.model, tok)  # weights from the test's seed (conftest)
-    rm = rlp_uml(policy, tok, pairs, samples, ucfg, cfg.data, seed=0)
+    rm = rlp_uml(policy, tok, pairs, samples, ucfg, cfg.data, TrainContext(seed=0))
     assert isinstance(rm, ScalarHeadModel) and not rm.training
     return rm.uml_diagnostics
 
@@ -111,7 +105,7 @@ def test_ib_loss_draws_only_training_pairs_and_logs_the_spread(setting):
     train = [0, 3, 5, 6, 9, 11]
     seen, batch = [], views.view1.batch
     views.view1.batch = lambda idx: seen.append([int(i) for i in idx]) or batch(idx)
-    fn = ib_loss_fn(rm, views, 4, beta=2.0, lam=0.5, seed=1, beta_warmup_steps=8, idx=torch.tensor(train))
+    fn = ib_aux_loss(rm, views, 4, beta=2.0, lam=0.5, seed=1, beta_warmup_steps=8, idx=torch.tensor(train)).loss
     for step in range(3):
         loss, m = fn(step, rm)
         assert torch.isfinite(loss) and m["ib_beta"] == 2.0 * step / 8
@@ -119,7 +113,7 @@ def test_ib_loss_draws_only_training_pairs_and_logs_the_spread(setting):
     # Each batch: 4 different pairs, all from `train` (a repeated prompt would be a false negative).
     assert all(len(set(b)) == 4 and set(b) <= set(train) for b in seen) and len(seen) == 3
     with pytest.raises(ValueError, match="needs at least 2 view pairs to train on, got 1"):
-        ib_loss_fn(rm, views, 4, 1.0, 0.5, 0, idx=torch.tensor([3]))
+        ib_aux_loss(rm, views, 4, 1.0, 0.5, 0, idx=torch.tensor([3]))
 
 
 def test_uml_diagnostics_reads_the_floor_for_an_uninformative_critic(setting):

@@ -1,39 +1,35 @@
-"""RLHF stages as plain functions over models and data (no trainer classes): SFT, Bradley-Terry
-reward modelling, PPO, and RLP's policy sampling, RLP-UML and RLP-SPG."""
+"""RLHF math as plain functions over tensors and models (no loops, no layouts, no configs): the SFT
+loss, Bradley-Terry, PPO's shaped rewards, advantages and clipped losses, RLP's synthetic
+preferences and information-bottleneck diagnostics. The loops are rlp_engine/recipes."""
 
-from rlp_engine.algos.ppo import PPOState, init_ppo, make_experience, ppo, ppo_step, shaped_rewards
-from rlp_engine.algos.reward import bt_loss, preference_accuracy, score_texts, train_reward_model
-from rlp_engine.algos.rlp import (
-    EQUIVALENCES,
-    PolicySamples,
-    cluster,
-    rlp_spg,
-    rlp_uml,
-    sample_policy,
-    spg_pair,
-    synthetic_preferences,
+from rlp_engine.algos.ppo import (
+    actor_critic_loss,
+    adaptive_kl_coef,
+    advantages_and_returns,
+    critic_values,
+    next_kl_coef,
+    shaped_rewards,
 )
-from rlp_engine.algos.sft import sft, sft_loss
+from rlp_engine.algos.reward import bt_loss, pair_rewards, preference_accuracy, score_texts
+from rlp_engine.algos.rlp import EQUIVALENCES, PolicySamples, cluster, spg_pair, synthetic_preferences
+from rlp_engine.algos.sft import sft_loss, warmup_cosine
 
 __all__ = [
     "EQUIVALENCES",
-    "PPOState",
     "PolicySamples",
+    "actor_critic_loss",
+    "adaptive_kl_coef",
+    "advantages_and_returns",
     "bt_loss",
     "cluster",
-    "init_ppo",
-    "make_experience",
-    "ppo",
-    "ppo_step",
+    "critic_values",
+    "next_kl_coef",
+    "pair_rewards",
     "preference_accuracy",
-    "rlp_spg",
-    "rlp_uml",
-    "sample_policy",
     "score_texts",
-    "sft",
     "sft_loss",
     "shaped_rewards",
     "spg_pair",
     "synthetic_preferences",
-    "train_reward_model",
+    "warmup_cosine",
 ]

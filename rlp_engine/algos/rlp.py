@@ -1,4 +1,5 @@
-"""Stages 4 and 5 of RLP: sample P from the policy, then refine the reward model on it.
+"""RLP's math (stages 4 and 5 refine the reward model on the policy's samples P); the loops that
+sample P and train the refined reward models are rlp_engine/recipes/rlp.py.
 
 RLP-UML: Bradley-Terry on D + lam * L_M on P, where L_M is the multi-view information-bottleneck
 loss between two different sampled responses to the same prompt (Gaussian encoder heads on the
@@ -11,7 +12,6 @@ members); Bradley-Terry on D plus these pairs.
 
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -19,13 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from rlp_engine import ops
-from rlp_engine.algos.reward import score_texts, train_reward_model
 from rlp_engine.data.batch import Encoded
 from rlp_engine.data.records import Preference
 from rlp_engine.data.task import extract_answer
-from rlp_engine.engine.distributed import gather_lists, shard
-from rlp_engine.engine.generate import sample
-from rlp_engine.models.heads import GaussianEncoder, ScalarHeadModel
+from rlp_engine.models.heads import ScalarHeadModel
 
 
 @dataclass
@@ -34,21 +31,6 @@ class PolicySamples:
 
     prompts: list[str]
     responses: list[list[str]]
-
-
-def sample_policy(policy, tokenizer, prompts: list[str], cfg, data_cfg, throughput=None) -> PolicySamples:
-    """cfg.n responses per prompt from `policy` (cfg: SampleConfig: n, temperature, top_k, top_p).
-    Under torchrun each rank samples its contiguous share of the prompts and every rank gets all."""
-    local = shard(prompts)
-    if throughput is None:
-        s = sample(policy, tokenizer, local, cfg, data_cfg, n=cfg.n)
-    else:
-        with throughput.phase("generation") as rec:
-            s = sample(policy, tokenizer, local, cfg, data_cfg, n=cfg.n)
-            rec["tokens"] = int(s.batch.response_mask.sum())
-    n = cfg.n
-    responses = gather_lists([s.responses[i * n : (i + 1) * n] for i in range(len(local))])
-    return PolicySamples(prompts, responses)
 
 
 def final_answer_key(response: str, index: int) -> Hashable:
@@ -119,43 +101,6 @@ def synthetic_preferences(
     return pairs, {"kept": len(pairs) / n, "confidence": sum(confidences) / n, "pairs": len(pairs)}
 
 
-def _fresh_reward_model(init: ScalarHeadModel | torch.nn.Module) -> ScalarHeadModel:
-    """A copy of a reward model, or the SFT causal LM plus a fresh head."""
-    if isinstance(init, ScalarHeadModel):
-        rm = copy.deepcopy(init)
-        rm.requires_grad_(True)
-        return rm
-    return ScalarHeadModel.from_causal_lm(init)
-
-
-def rlp_spg(
-    init,
-    current_rm: ScalarHeadModel,
-    tokenizer,
-    pairs: list[Preference],
-    samples: PolicySamples,
-    cfg,
-    data_cfg,
-    equivalence: str | Callable[[str, int], Hashable] | None = None,
-    **train_kwargs,
-) -> tuple[ScalarHeadModel, list[Preference], dict[str, float]]:
-    """RLP-SPG: synthetic pairs from P (y_w ranked by `current_rm`), then Bradley-Terry on D + them,
-    starting from `init` (the SFT causal LM for a retrain, or a reward model to fine-tune).
-    cfg: SPGConfig; `equivalence` (a name or a key function) overrides cfg.equivalence.
-    Returns (refined reward model, synthetic pairs, statistics)."""
-    flat_p = [p for p, rs in zip(samples.prompts, samples.responses) for _ in rs]
-    flat_r = [r for rs in samples.responses for r in rs]
-    scores = score_texts(current_rm, tokenizer, flat_p, flat_r, data_cfg).tolist()
-    n = len(samples.responses[0]) if samples.responses else 0
-    rewards = [scores[i * n : (i + 1) * n] for i in range(len(samples.prompts))]
-    synthetic, stats = synthetic_preferences(
-        samples, rewards, cfg.gamma, equivalence or cfg.equivalence, train_kwargs.get("seed", 0)
-    )
-    rm = _fresh_reward_model(init)
-    train_reward_model(rm, tokenizer, pairs + synthetic, cfg, data_cfg, **train_kwargs)
-    return rm.eval(), synthetic, stats
-
-
 class MultiViewData:
     """Pairs of views for L_M: for each prompt of P with two distinct responses, tokenised once."""
 
@@ -206,56 +151,12 @@ def beta_at(step: int, beta: float, warmup_steps: int) -> float:
     return beta if warmup_steps <= 0 else beta * min(1.0, step / warmup_steps)
 
 
-def _encode_views(rm, views: MultiViewData, idx, device):
+def encode_views(rm, views: MultiViewData, idx, device):
+    """(mu1, logvar1, mu2, logvar2) [n, D] of both views of the pairs `idx` under rm's encoder."""
     b1, b2 = views.view1.batch(idx).to(device), views.view2.batch(idx).to(device)
     mu1, logvar1 = rm.encoder(rm.final_hidden(b1.input_ids, b1.attention_mask))
     mu2, logvar2 = rm.encoder(rm.final_hidden(b2.input_ids, b2.attention_mask))
     return mu1, logvar1, mu2, logvar2
-
-
-def ib_loss_fn(
-    rm: ScalarHeadModel,
-    views: MultiViewData,
-    batch_size: int,
-    beta: float,
-    lam: float,
-    seed: int,
-    *,
-    beta_warmup_steps: int = 0,
-    negatives: str = "all",
-    idx: torch.Tensor | None = None,
-):
-    """extra_loss(step) for `train_reward_model`: lam * multiview_ib_loss on a batch of views drawn
-    without replacement (a repeated prompt would be a false negative) from `idx` (default: every
-    pair), beta warmed up linearly over beta_warmup_steps. Metrics: ib_loss, mi, skl, the encoder
-    spread mu_std and mu_norm (encoder_spread over both views' means) and the step's ib_beta."""
-    pool = torch.arange(len(views)) if idx is None else torch.as_tensor(idx, dtype=torch.long)
-    if len(pool) < 2:
-        raise ValueError(f"ib_loss_fn: needs at least 2 view pairs to train on, got {len(pool)}")
-    device = next(rm.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.Generator(device).manual_seed(seed + 1)  # on the latents' device (torch.randn needs it)
-
-    def extra_loss(step: int, rm: ScalarHeadModel):  # rm: the module being trained (sharded or not)
-        pick = torch.randperm(len(pool), generator=gen)[: min(batch_size, len(pool))]
-        mu1, logvar1, mu2, logvar2 = _encode_views(rm, views, shard(pool[pick]), device)
-        b = beta_at(step, beta, beta_warmup_steps)
-        loss, m = ops.multiview_ib_loss(
-            mu1,
-            logvar1,
-            mu2,
-            logvar2,
-            rm.encoder.critic,
-            beta=b,
-            generator=noise,
-            negatives=negatives,
-            critic_matrix=rm.encoder.critic_matrix,
-        )
-        metrics = {"ib_loss": loss.detach(), "mi": m["mi"], "skl": m["skl"], "ib_beta": b}
-        return lam * loss, {**metrics, **encoder_spread(torch.cat([mu1, mu2]))}
-
-    extra_loss.generators = (gen, noise)  # state the training loop checkpoints
-    return extra_loss
 
 
 @torch.no_grad()
@@ -280,9 +181,7 @@ def uml_diagnostics(
     was_training = rm.training
     rm.eval()
     device = next(rm.parameters()).device
-    parts = [
-        _encode_views(rm, views, idx[i : i + batch_size], device) for i in range(0, len(idx), batch_size)
-    ]
+    parts = [encode_views(rm, views, idx[i : i + batch_size], device) for i in range(0, len(idx), batch_size)]
     mu1, logvar1, mu2, logvar2 = (torch.cat(t) for t in zip(*parts))
     noise = torch.Generator(device).manual_seed(seed)
     # the bound averaged over `draws` noise draws: a single draw is noisy on a few dozen pairs
@@ -305,41 +204,3 @@ def uml_diagnostics(
     rm.train(was_training)
     spread = encoder_spread(torch.cat([mu1, mu2]))
     return {"mi": float(mi), "skl": float(skl), **{k: float(v) for k, v in spread.items()}, "pairs": len(idx)}
-
-
-def rlp_uml(
-    init,
-    tokenizer,
-    pairs: list[Preference],
-    samples: PolicySamples,
-    cfg,
-    data_cfg,
-    **train_kwargs,
-) -> ScalarHeadModel:
-    """RLP-UML: Bradley-Terry on D + cfg.lam * L_M on P, from `init` (SFT causal LM or a reward model),
-    with fresh Gaussian encoder heads (cfg: UMLConfig). L_M trains on the view pairs of all but a
-    seeded cfg.heldout_frac of P's prompts; the returned reward model carries `uml_diagnostics`
-    (`uml_diagnostics` on the held-out pairs after training; {} when none are held out)."""
-    rm = _fresh_reward_model(init)
-    hidden = rm.head.in_features
-    rm.encoder = GaussianEncoder(hidden, cfg.latent_dim).to(next(rm.parameters()).device)
-    seed = train_kwargs.get("seed", 0)
-    views = MultiViewData(tokenizer, samples, data_cfg, seed=seed)
-    train_idx, held_idx = views.split(cfg.heldout_frac, seed=seed)
-    extra = ib_loss_fn(
-        rm,
-        views,
-        cfg.ib_batch_size,
-        cfg.beta,
-        cfg.lam,
-        seed,
-        beta_warmup_steps=cfg.beta_warmup_steps,
-        negatives=cfg.negatives,
-        idx=train_idx,
-    )
-    train_reward_model(rm, tokenizer, pairs, cfg, data_cfg, extra_loss=extra, **train_kwargs)
-    rm.eval()
-    rm.uml_diagnostics = (
-        uml_diagnostics(rm, views, held_idx, negatives=cfg.negatives, seed=seed) if len(held_idx) else {}
-    )
-    return rm

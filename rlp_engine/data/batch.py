@@ -144,3 +144,23 @@ class Encoded:
         p = pad_left([self.prompts[i] for i in idx], self.pad_id)
         r = pad_right([self.responses[i] for i in idx], self.pad_id)
         return join(*p, *r)
+
+
+class PairData:
+    """Preference pairs tokenised once: `batch(idx)` gives chosen rows then rejected rows [2n, T]
+    (`pairs` holds .prompt, .chosen, .rejected: data.records.Preference)."""
+
+    def __init__(self, tokenizer, pairs, data_cfg):
+        prompts = [p.prompt for p in pairs]
+        self.chosen = Encoded(tokenizer, prompts, [p.chosen for p in pairs], data_cfg)
+        self.rejected = Encoded(tokenizer, prompts, [p.rejected for p in pairs], data_cfg)
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def batch(self, idx) -> SeqBatch:
+        idx = [int(i) for i in idx]
+        enc = self.chosen
+        prompts = [enc.prompts[i] for i in idx] * 2
+        responses = [self.chosen.responses[i] for i in idx] + [self.rejected.responses[i] for i in idx]
+        return join(*pad_left(prompts, enc.pad_id), *pad_right(responses, enc.pad_id))

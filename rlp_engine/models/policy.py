@@ -75,9 +75,11 @@ def response_logprobs(
     (and their entropies [B, R] when asked); 0 where attention_mask is 0. Only the response positions
     reach the LM head. Positions count real tokens only, so left padding does not shift them.
 
-    model: a causal LM, or the `CausalLMLogprobs` that `prepare_for_training` returns (sharded or
-    not): then the call goes through its forward, inside which FSDP2 holds the gathered weights."""
-    if isinstance(model, CausalLMLogprobs):
+    model: a causal LM, or a log-prob module: the `CausalLMLogprobs` that FSDP2 trains (sharded or
+    not; the call goes through its forward, inside which FSDP2 holds the gathered weights) or anything
+    called like it (a ZeRO-3 route, whose call goes through the engine's forward). A causal LM is
+    told apart by its output embeddings."""
+    if isinstance(model, CausalLMLogprobs) or not hasattr(model, "get_output_embeddings"):
         return model(input_ids, attention_mask, response_len, temperature, return_entropy)
     head = model.get_output_embeddings()
     if head is not None and isinstance(head.weight, DTensor):

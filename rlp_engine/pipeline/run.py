@@ -17,6 +17,7 @@ the config is not changed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -36,6 +37,7 @@ from rlp_engine.engine.metrics import MetricsLogger, Throughput
 from rlp_engine.pipeline.evaluate import evaluate_all
 from rlp_engine.pipeline.inputs import prepare_inputs
 from rlp_engine.pipeline.stages import stage_names, train_all
+from rlp_engine.recipes.scaffold import TrainContext
 
 
 class Stage:
@@ -173,23 +175,22 @@ class Run:
         if self.main:
             print(f"[rlp-engine] {text}", flush=True)
 
-    def ppo_kwargs(self, stage: Stage) -> dict:
-        # PPO runs few, costly iterations: every one is logged.
-        return {**self.train_kwargs(stage), "gold": self.gold, "log_every": 1}
-
-    def train_kwargs(self, stage: Stage) -> dict:
+    def context(self, stage: Stage, **overrides) -> TrainContext:
+        """The TrainContext of a training stage (its name, checkpoint handle, this run's logger,
+        throughput and run.* settings); `overrides` replace fields (PPO logs every step)."""
         r = self.cfg.run
-        return dict(
-            logger=self.logger,
-            throughput=self.throughput,
+        ctx = TrainContext(
+            stage=stage.name,
             seed=r.seed,
             log_every=r.log_every,
             show_progress=r.progress,
-            stage=stage.name,
+            logger=self.logger,
+            throughput=self.throughput,
             ckpt=stage.ckpt,
             max_nonfinite_steps=r.max_nonfinite_steps,
             train_backend=r.train_backend,  # "deepspeed": ZeRO-3 engines under torchrun
         )
+        return dataclasses.replace(ctx, **overrides)
 
     def save(self, name: str, model, tokenizer=None) -> None:
         """HF export of `model` to checkpoints/<name> (written aside, then renamed into place)."""

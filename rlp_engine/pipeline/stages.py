@@ -8,15 +8,19 @@ import copy
 import random
 from typing import TYPE_CHECKING
 
-from rlp_engine.algos.ppo import ppo
-from rlp_engine.algos.reward import train_reward_model
-from rlp_engine.algos.rlp import rlp_spg, rlp_uml, sample_policy
-from rlp_engine.algos.sft import sft
+import torch
+
 from rlp_engine.config import ConfigError, TrainConfig
 from rlp_engine.data.build import TaskData
 from rlp_engine.data.task import annotate, label_pairs
+from rlp_engine.engine.distributed import rank_and_world
 from rlp_engine.engine.generate import sample
 from rlp_engine.models.heads import GaussianEncoder, ScalarHeadModel
+from rlp_engine.recipes.ppo import ppo
+from rlp_engine.recipes.reward import train_reward_model
+from rlp_engine.recipes.rlp import rlp_spg, rlp_uml, sample_policy
+from rlp_engine.recipes.scaffold import Optim
+from rlp_engine.recipes.sft import sft
 
 if TYPE_CHECKING:
     from rlp_engine.pipeline.run import Run
@@ -86,6 +90,10 @@ def _ppo_stage(run: Run, name: str, policy, reward_model, tokenizer, prompts: li
             actor = copy.deepcopy(policy)
         else:
             cfg = run.cfg
+            # the rollouts' sampling noise: the same weights on every rank (copied), different noise
+            torch.manual_seed(cfg.run.seed + rank_and_world()[0])
+            # PPO runs few, costly iterations: every one is logged
+            ctx = run.context(st, log_every=1)
             actor = ppo(
                 policy,
                 reward_model,
@@ -93,8 +101,9 @@ def _ppo_stage(run: Run, name: str, policy, reward_model, tokenizer, prompts: li
                 prompts,
                 cfg.ppo,
                 cfg.data,
+                ctx,
+                gold=run.gold,
                 reward_fn=reward_fn,
-                **run.ppo_kwargs(st),
             )
         st.keep({"actor": actor}, export=actor, tokenizer=tokenizer)
     return actor
@@ -151,7 +160,7 @@ def _spg_stage(run: Run, data: TaskData, tokenizer, policy, ranker, samples, tag
                 cfg.spg,
                 cfg.data,
                 equivalence=_equivalence(cfg.spg.equivalence, data),
-                **run.train_kwargs(st),
+                ctx=run.context(st),
             )
             if data.gold is not None and synthetic:
                 g = [(data.gold(p.prompt, p.chosen), data.gold(p.prompt, p.rejected)) for p in synthetic]
@@ -169,7 +178,7 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
     stages = stage_names(cfg)
     with run.stage("sft") as st:
         if not st.done:
-            sft(policy, tokenizer, data.sft, cfg.sft, cfg.data, **run.train_kwargs(st))
+            sft(policy, tokenizer, data.sft, cfg.sft, cfg.data, run.context(st))
         policy.eval()
         st.keep({"policy": policy}, export=policy, tokenizer=tokenizer)
     with run.stage("pref") as st:
@@ -185,7 +194,9 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
     with run.stage("rm") as st:
         rm = _reward_model(policy, run.device)
         if not st.done:
-            train_reward_model(rm, tokenizer, data.preferences, cfg.rm, cfg.data, **run.train_kwargs(st))
+            r = cfg.rm
+            opt = Optim(r.steps, r.batch_size, r.lr, r.weight_decay, r.max_grad_norm)
+            train_reward_model(rm, tokenizer, data.preferences, opt, cfg.data, run.context(st))
         rm.eval().requires_grad_(False)
         st.keep({"rm": rm}, export=rm, tokenizer=tokenizer)
     policies, rms, info = {"sft": policy}, {"rm": rm}, {}
@@ -206,7 +217,7 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
                 rms["rm_uml"] = _reward_model(policy, run.device, cfg.uml.latent_dim).eval()
             else:
                 rms["rm_uml"] = rlp_uml(
-                    policy, tokenizer, data.preferences, samples, cfg.uml, cfg.data, **run.train_kwargs(st)
+                    policy, tokenizer, data.preferences, samples, cfg.uml, cfg.data, run.context(st)
                 )
             rms["rm_uml"].requires_grad_(False)
             # the information-bottleneck term on held-out view pairs: MI above -2 ln 2 = -1.386 and
@@ -233,7 +244,7 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
                     samples,
                     cfg.uml,
                     cfg.data,
-                    **run.train_kwargs(st),
+                    run.context(st),
                 )
             rms["rm_uml_spg"].requires_grad_(False)
             st.keep({"rm": rms["rm_uml_spg"]}, export=rms["rm_uml_spg"], tokenizer=tokenizer)

@@ -16,6 +16,8 @@ back to full tensors (a plain model on every rank, or a CPU state dict on rank 0
 from __future__ import annotations
 
 import copy as copy_module
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 import torch.distributed as dist
@@ -24,8 +26,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from rlp_engine.engine.layout import zero3
-from rlp_engine.engine.reshard import sync_to_module
+from rlp_engine.engine.guards import NonFiniteGuard, guarded_step
+from rlp_engine.engine.offload import offloaded
+from rlp_engine.engine.reshard import SwitchRecord, sync_to_module
 from rlp_engine.models.heads import GaussianEncoder, ScalarHeadModel
 from rlp_engine.models.policy import CausalLMLogprobs, unwrap_lm
 
@@ -189,11 +192,7 @@ def prepare_for_training(
 def load_full_weights(dst: nn.Module, src: nn.Module) -> None:
     """Copy the full value of every parameter of `src` (sharded or not, wrapped or not) into the
     same-named parameter of the plain model `dst` (a collective when src is sharded: call it on every
-    rank). No-op when they are the same module (single process). `src` may also be a ZeRO-3
-    zero3.Route (run.train_backend=deepspeed): its partitions are gathered module by module."""
-    if isinstance(src, zero3.Route):
-        zero3.sync_route_to_module(src, dst)
-        return
+    rank). No-op when they are the same module (single process)."""
     dst = unwrap_lm(dst)
     if unwrap_lm(src) is dst:
         return
@@ -218,3 +217,53 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         return state
     prefix = "lm."  # CausalLMLogprobs holds the LM as `self.lm`
     return {k.removeprefix(prefix): v for k, v in state.items()}
+
+
+class FSDPHandle:
+    """TrainHandle (engine/layout/__init__.py) of plain modules single-process, FSDP2-sharded ones
+    under torchrun: one torch optimizer, guards.guarded_step with explicit clipping."""
+
+    def __init__(self, parts: dict[str, nn.Module], optimizer: torch.optim.Optimizer, max_grad_norm: float):
+        self.parts, self.optimizer, self.max_grad_norm = parts, optimizer, max_grad_norm
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.parts.values():
+            m.train(mode)
+
+    def step(
+        self, loss: torch.Tensor, *, guard: NonFiniteGuard, step: int, scheduler=None
+    ) -> tuple[bool, torch.Tensor]:
+        # the optimizer's own parameter list: the shards under FSDP2 (never the unsharded copies a
+        # root module holds between forward and backward), in the order the optimizer was built
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return guarded_step(
+            loss,
+            params,
+            self.optimizer,
+            max_grad_norm=self.max_grad_norm,
+            guard=guard,
+            step=step,
+            scheduler=scheduler,  # advances with applied updates only
+        )
+
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        return {name: unwrap_lm(m) for name, m in self.parts.items()}  # HF names on any world size
+
+    def offloaded(self, name: str) -> AbstractContextManager:
+        return offloaded(self.parts[name], self.optimizer)
+
+    def sync(self, name: str, dst: nn.Module, bucket_mb: float) -> SwitchRecord:
+        return sync_to_module(self.parts[name], dst, bucket_mb=bucket_mb)
+
+    def load_full_weights(self, name: str, dst: nn.Module) -> None:
+        load_full_weights(dst, self.parts[name])
+
+
+def fsdp_handle(
+    parts: dict[str, nn.Module], make_optimizer: Callable, max_grad_norm: float, copy: bool = False
+) -> FSDPHandle:
+    """Each part prepared by `prepare_for_training` (sharded under torchrun, a causal LM wrapped in
+    CausalLMLogprobs; the module itself single-process), one optimizer over all their parameters."""
+    prepared = {name: prepare_for_training(m, copy=copy) for name, m in parts.items()}
+    optimizer = make_optimizer([p for m in prepared.values() for p in m.parameters()])
+    return FSDPHandle(prepared, optimizer, max_grad_norm)

@@ -28,6 +28,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -37,7 +38,6 @@ from rlp_engine.engine import reshard
 from rlp_engine.engine.distributed import rank_and_world
 from rlp_engine.engine.guards import NonFiniteGuard, combine_flags, record_skip
 from rlp_engine.models.policy import CausalLMLogprobs, unwrap_lm
-from rlp_engine.models.policy import response_logprobs as _plain_response_logprobs
 
 
 def import_deepspeed():
@@ -119,14 +119,6 @@ def sync_zero3(model: nn.Module, sink, bucket_mb: float = 256.0, name_map=None) 
 # ---------------------------------------------------------------- the pipeline's ZeRO-3 layout
 
 
-def use_zero3(train_backend: str) -> bool:
-    """run.train_backend=deepspeed under torchrun (more than one rank); single-process the loops
-    train plain modules whatever the backend."""
-    if train_backend not in ("fsdp2", "deepspeed"):
-        raise ValueError(f"run.train_backend: expected 'fsdp2' or 'deepspeed', got {train_backend!r}")
-    return train_backend == "deepspeed" and rank_and_world()[1] > 1
-
-
 def is_engine(obj) -> bool:
     """A DeepSpeedEngine (False without importing deepspeed when it was never imported)."""
     deepspeed = sys.modules.get("deepspeed")
@@ -195,17 +187,6 @@ def prepare_zero3(
     return {name: Route(engine, name) for name in parts}, engine, optimizer
 
 
-def response_logprobs(
-    model, input_ids, attention_mask, response_len, *, temperature=1.0, return_entropy=False
-):
-    """rlp_engine.models.policy.response_logprobs, also for a Route (through the engine's forward)."""
-    if isinstance(model, Route):
-        return model(input_ids, attention_mask, response_len, temperature, return_entropy)
-    return _plain_response_logprobs(
-        model, input_ids, attention_mask, response_len, temperature=temperature, return_entropy=return_entropy
-    )
-
-
 def _lm_names(route: Route):
     """The name map from the routed module's names to the plain model's (CausalLMLogprobs adds "lm.")."""
     if isinstance(route.module, CausalLMLogprobs):
@@ -252,6 +233,46 @@ def guarded_step(
     if scheduler is not None:
         scheduler.step()
     return True, grad_norm
+
+
+class Zero3Handle:
+    """TrainHandle (engine/layout/__init__.py) over one ZeRO-3 engine: `parts` are Routes, the step is
+    the engine's (its own clipping and overflow check), checkpoints are DeepSpeed's own files."""
+
+    def __init__(self, routes: dict[str, Route], engine, optimizer: torch.optim.Optimizer):
+        self.parts, self.engine, self.optimizer = routes, engine, optimizer
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def step(
+        self, loss: torch.Tensor, *, guard: NonFiniteGuard, step: int, scheduler=None
+    ) -> tuple[bool, torch.Tensor]:
+        return guarded_step(loss, self.engine, guard=guard, step=step, scheduler=scheduler)
+
+    def checkpoint_modules(self) -> dict:
+        return {"_".join(self.parts): self.engine}  # DeepSpeed's own checkpoint of the engine
+
+    def offloaded(self, name: str) -> AbstractContextManager:
+        return nullcontext()  # gathered module by module when synced; nothing to move aside
+
+    def sync(self, name: str, dst: nn.Module, bucket_mb: float) -> reshard.SwitchRecord:
+        return sync_route_to_module(self.parts[name], dst, bucket_mb=bucket_mb)
+
+    def load_full_weights(self, name: str, dst: nn.Module) -> None:
+        sync_route_to_module(self.parts[name], dst)
+
+
+def zero3_handle(
+    parts: dict[str, nn.Module], make_optimizer: Callable, max_grad_norm: float, copy: bool = False
+) -> Zero3Handle:
+    """`prepare_zero3` over `parts` (deep copies with copy=True: the partitioning is in place)."""
+    import copy as copy_module
+
+    if copy:
+        parts = {name: copy_module.deepcopy(m) for name, m in parts.items()}
+    routes, engine, optimizer = prepare_zero3(parts, make_optimizer, max_grad_norm)
+    return Zero3Handle(routes, engine, optimizer)
 
 
 # ---------------------------------------------------------------- loop checkpoints

@@ -1,0 +1,81 @@
+"""The one training-loop scaffold every recipe shares: resume, non-finite guard, logging, progress,
+checkpoints. A recipe supplies the step (its math over a TrainHandle) and its own loop state.
+
+    ctx = TrainContext(stage="sft", seed=0)           # or the pipeline's, one per stage
+    last = run_loop(ctx, handle, steps, step_fn, save=..., load=...)
+
+`step_fn(step, guard) -> metrics` does one step (forward, handle.step with `guard`) and returns the
+metrics of that step (tensors or floats; only the logged ones are ever read back from the device).
+`save() -> dict` is the recipe's loop state (generators, schedulers, data positions) for a checkpoint,
+`load(saved)` puts it back on resume; the scaffold adds the step, the guard and the last metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from rlp_engine.engine.checkpoint import LoopCheckpoint
+from rlp_engine.engine.guards import NonFiniteGuard
+from rlp_engine.engine.layout import TrainHandle
+from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress
+
+
+@dataclass
+class TrainContext:
+    """What a recipe's loop needs besides its model, data and hyper-parameters (the pipeline builds
+    one per stage, pipeline/run.py `Run.context`)."""
+
+    stage: str = "train"
+    seed: int = 0
+    log_every: int = 10
+    show_progress: bool = False
+    logger: MetricsLogger = field(default_factory=MetricsLogger)
+    throughput: Throughput = field(default_factory=Throughput)
+    ckpt: LoopCheckpoint | None = None  # None: no checkpoints inside the loop
+    max_nonfinite_steps: int = 10
+    train_backend: str = "fsdp2"  # run.train_backend; "deepspeed": ZeRO-3 under torchrun
+
+
+@dataclass(frozen=True)
+class Optim:
+    """One optimizer's settings, spelled out by the caller from whichever config section it has."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+def run_loop(
+    ctx: TrainContext,
+    handle: TrainHandle,
+    steps: int,
+    step_fn: Callable[[int, NonFiniteGuard], dict],
+    *,
+    save: Callable[[], dict] = dict,
+    load: Callable[[dict], None] = lambda saved: None,
+) -> dict[str, float]:
+    """Steps [start, steps) of `step_fn` (start: 0, or the step a checkpoint of this stage saved),
+    logging every ctx.log_every steps and the last; returns the last logged metrics. With ctx.ckpt the
+    modules, optimizer and loop state are restored first and saved every ckpt.every steps."""
+    guard = NonFiniteGuard(ctx.max_nonfinite_steps, ctx.stage)
+    last: dict[str, float] = {}
+    start = 0
+    modules, optimizers = handle.checkpoint_modules(), [handle.optimizer]
+    saved = ctx.ckpt.resume(modules, optimizers) if ctx.ckpt else None
+    if saved is not None:
+        start, last, guard = saved["step"], saved.get("last", {}), NonFiniteGuard(**saved["guard"])
+        load(saved)
+
+    def state():
+        return modules, optimizers, {**save(), "last": last, "guard": asdict(guard)}
+
+    for step in progress(range(start, steps), desc=ctx.stage, enabled=ctx.show_progress):
+        metrics = step_fn(step, guard)
+        if step % ctx.log_every == 0 or step == steps - 1:
+            last = ctx.logger.log(ctx.stage, step, metrics)
+        if ctx.ckpt:
+            ctx.ckpt.step_done(step + 1, steps, state)
+    return last
