@@ -82,12 +82,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_csv_args, print_table, save_rows, spread, sync  # noqa: E402
 
-from rlp_engine.recipes.ppo import init_ppo, ppo_step  # noqa: E402
 from rlp_engine.config import load_config  # noqa: E402
 from rlp_engine.data.batch import encode_prompts  # noqa: E402
 from rlp_engine.engine.metrics import Throughput  # noqa: E402
 from rlp_engine.models.heads import ScalarHeadModel  # noqa: E402
 from rlp_engine.pipeline.inputs import prepare_inputs  # noqa: E402
+from rlp_engine.recipes.ppo import init_ppo, ppo_step  # noqa: E402
 
 SIZES = {
     "default": [],

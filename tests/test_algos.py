@@ -18,12 +18,12 @@ from rlp_engine.algos import (
     synthetic_preferences,
 )
 from rlp_engine.algos.rlp import EQUIVALENCES, MultiViewData
-from rlp_engine.recipes.ppo import init_ppo, make_experience, ppo_losses, train_on_experience
-from rlp_engine.recipes.rlp import ib_aux_loss
 from rlp_engine.config import load_config
 from rlp_engine.engine.generate import sample
 from rlp_engine.engine.metrics import Throughput
 from rlp_engine.models import GaussianEncoder, ScalarHeadModel, tiny_llama, train_byte_tokenizer
+from rlp_engine.recipes.ppo import init_ppo, make_experience, ppo_losses, train_on_experience
+from rlp_engine.recipes.rlp import ib_aux_loss
 
 # Ten samples of "12+7=": final answers 19 x5 (indices 0, 1, 3, 6, 8), 18 x2 (2, 7), 20, 7, and one
 # without a number ("x", its own cluster).
@@ -117,7 +117,9 @@ def test_uml_loss_reaches_encoder_and_backbone(tiny):
     rm = ScalarHeadModel.from_causal_lm(policy)
     rm.encoder = GaussianEncoder(rm.head.in_features, 4)
     samples = PolicySamples(["1+1=", "2+2=", "3+3="], [["2", "3"], ["4", "5"], ["6", "7"]])
-    loss, metrics = ib_aux_loss(rm, MultiViewData(tok, samples, cfg.data), 3, beta=1.0, lam=0.5, seed=0).loss(0, rm)
+    loss, metrics = ib_aux_loss(rm, MultiViewData(tok, samples, cfg.data), 3, beta=1.0, lam=0.5, seed=0).loss(
+        0, rm
+    )
     loss.backward()
     assert torch.isfinite(loss) and set(metrics) == {"ib_loss", "mi", "skl", "ib_beta", "mu_std", "mu_norm"}
     assert rm.encoder.mu[0].weight.grad.abs().sum() > 0

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from rlp_engine.algos.ppo import adaptive_kl_coef, next_kl_coef
-from rlp_engine.recipes.ppo import init_ppo, make_experience, ppo, ppo_step
-from rlp_engine.recipes.scaffold import TrainContext
 from rlp_engine.config import ConfigError, load_config
 from rlp_engine.engine.checkpoint import CheckpointStore, LoopCheckpoint
 from rlp_engine.engine.generate import sample
 from rlp_engine.engine.metrics import MetricsLogger, Throughput
 from rlp_engine.models import ScalarHeadModel, tiny_llama, train_byte_tokenizer
 from rlp_engine.models.policy import unwrap_lm
+from rlp_engine.recipes.ppo import init_ppo, make_experience, ppo, ppo_step
+from rlp_engine.recipes.scaffold import TrainContext
 
 PROMPTS = [f"{a}+{b}=" for a in range(4) for b in range(4)]
 
@@ -95,9 +95,13 @@ def test_matches_the_real_adaptive_kl_controller(module):
 def test_next_kl_coef_fixed_without_a_target():
     cfg = load_config().ppo
     assert cfg.kl_target is None
-    assert next_kl_coef(0.0067, 5.0, 64, target=cfg.kl_target, horizon=cfg.kl_horizon) == 0.0067  # fixed: any KL leaves it
+    assert (
+        next_kl_coef(0.0067, 5.0, 64, target=cfg.kl_target, horizon=cfg.kl_horizon) == 0.0067
+    )  # fixed: any KL leaves it
     cfg = load_config(overrides=["ppo.kl_target=1.0", "ppo.kl_horizon=64"]).ppo
-    assert next_kl_coef(0.0067, 5.0, 64, target=cfg.kl_target, horizon=cfg.kl_horizon) == pytest.approx(0.0067 * 1.2, rel=1e-12)
+    assert next_kl_coef(0.0067, 5.0, 64, target=cfg.kl_target, horizon=cfg.kl_horizon) == pytest.approx(
+        0.0067 * 1.2, rel=1e-12
+    )
 
 
 # ---------------------------------------------------------------- config
@@ -176,7 +180,9 @@ def _run_steps(state, steps: int) -> list[dict]:
         m = ppo_step(state, PROMPTS[:8], tp, step=step)
         assert m["kl_coef"] == before  # logged: the coefficient this rollout was shaped with
         assert m["kl_seq_mean"] > 0
-        want = next_kl_coef(before, m["kl_seq_mean"], 8, target=state.cfg.kl_target, horizon=state.cfg.kl_horizon)
+        want = next_kl_coef(
+            before, m["kl_seq_mean"], 8, target=state.cfg.kl_target, horizon=state.cfg.kl_horizon
+        )
         assert state.kl_coef == want  # updated by the all-rank mean summed KL over the 8 samples
         out.append(m)
     return out

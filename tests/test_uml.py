@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from rlp_engine.algos.rlp import MultiViewData, PolicySamples, beta_at, encoder_spread, uml_diagnostics
-from rlp_engine.recipes.rlp import ib_aux_loss, rlp_uml
-from rlp_engine.recipes.scaffold import TrainContext
 from rlp_engine.config import UMLConfig, load_config
 from rlp_engine.data.records import Preference
 from rlp_engine.models import GaussianEncoder, ScalarHeadModel, tiny_llama, train_byte_tokenizer
+from rlp_engine.recipes.rlp import ib_aux_loss, rlp_uml
+from rlp_engine.recipes.scaffold import TrainContext
 
 FLOOR = -2 * math.log(2)  # I_JSD of a critic that scores every pair 0
 
@@ -105,7 +105,9 @@ def test_ib_loss_draws_only_training_pairs_and_logs_the_spread(setting):
     train = [0, 3, 5, 6, 9, 11]
     seen, batch = [], views.view1.batch
     views.view1.batch = lambda idx: seen.append([int(i) for i in idx]) or batch(idx)
-    fn = ib_aux_loss(rm, views, 4, beta=2.0, lam=0.5, seed=1, beta_warmup_steps=8, idx=torch.tensor(train)).loss
+    fn = ib_aux_loss(
+        rm, views, 4, beta=2.0, lam=0.5, seed=1, beta_warmup_steps=8, idx=torch.tensor(train)
+    ).loss
     for step in range(3):
         loss, m = fn(step, rm)
         assert torch.isfinite(loss) and m["ib_beta"] == 2.0 * step / 8
