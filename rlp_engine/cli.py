@@ -5,6 +5,7 @@
     rlp-engine eval --policy DIR [--reward-model DIR] [--config FILE.yaml] [--preset NAME] [key=value ...]
     rlp-engine sample --policy DIR [-n N] [--prompt TEXT ...] [--config FILE.yaml] [--preset NAME]
                       [key=value ...]
+    rlp-engine export-rm --checkpoint RUN_DIR/checkpoints/rm --out DIR [--drop-bias]
     rlp-engine --version
 
 `train` runs the whole RLP pipeline (embedded reverse task when no config is given) and writes
@@ -47,6 +48,7 @@ NEEDS = {
     "train": ("transformers", "tokenizers", "safetensors", "matplotlib"),
     "eval": ("transformers", "tokenizers", "safetensors"),
     "sample": ("transformers", "tokenizers", "safetensors"),
+    "export-rm": ("transformers", "tokenizers", "safetensors"),
 }
 SAVED_CONFIG_HELP = (
     "; for RUN_DIR/checkpoints/<stage>, RUN_DIR/config.yaml is the config unless --config or --preset "
@@ -112,7 +114,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--prompt", action="append", help="prompt text (repeatable); default: held-out prompts")
     s.add_argument("-n", type=int, default=1, help="samples per prompt")
+
+    x = sub.add_parser(
+        "export-rm", help="write a reward-model checkpoint as a HF AutoModelForSequenceClassification"
+    )
+    x.add_argument("--checkpoint", required=True, help="reward-model checkpoint, e.g. RUN_DIR/checkpoints/rm")
+    x.add_argument(
+        "--out", required=True, help="directory to write (config.json, model.safetensors, tokenizer)"
+    )
+    x.add_argument(
+        "--drop-bias",
+        action="store_true",
+        help="export a head with a non-zero bias without it (HF's score head has none; scores shift by it)",
+    )
     return p
+
+
+def _export_rm(args) -> int:
+    """export-rm: rlp_engine.models.export.export_checkpoint; a bad checkpoint or bias: one line, exit 2."""
+    from rlp_engine.models.export import BIAS_KEY, export_checkpoint
+
+    try:
+        bias = export_checkpoint(args.checkpoint, args.out, drop_bias=args.drop_bias)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"rlp-engine: error: {err}", file=sys.stderr)
+        return 2
+    dropped = f"; the head's bias {bias!r} is left out (config.json: {BIAS_KEY})" if bias else ""
+    print(f"[rlp-engine] {args.out}: AutoModelForSequenceClassification, num_labels=1{dropped}")
+    return 0
 
 
 def _interrupted(cfg, err: BaseException) -> int:
@@ -288,6 +317,8 @@ def main(argv=None, *, hook: Hook | None = None) -> int:
         if missing:
             print(_missing_package(args.command, missing[0]), file=sys.stderr)
             return 2
+    if args.command == "export-rm":  # no config: the checkpoint holds everything
+        return _export_rm(args)
     if args.command == "train" and args.resume and args.output_dir and not (args.config or args.preset):
         saved = Path(args.output_dir) / "config.yaml"
         if saved.is_file():
