@@ -173,16 +173,21 @@ def test_zero3_guard_skips_nonfinite_loss_and_gradient_on_every_rank(tmp_path):
 
 def test_a_zero3_checkpoint_is_refused_elsewhere_with_a_clear_error(tmp_path):
     """ZeRO-3 partition files fit one world size and one backend: other layouts are refused by name."""
-    from rlp_engine.engine import checkpoint
+    from rlp_engine.engine import checkpoint, layout
     from rlp_engine.engine.layout import zero3
 
-    (tmp_path / zero3.INFO_FILE).write_text(json.dumps({"world_size": 2, "tags": ["actor_critic"]}))
-    with pytest.raises(ValueError, match="written by DeepSpeed ZeRO-3.*same world size"):
+    info = {
+        "layout": "DeepSpeed ZeRO-3 (run.train_backend=deepspeed)",
+        "world_size": 2,
+        "tags": ["actor_critic"],
+    }
+    (tmp_path / zero3.INFO_FILE).write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="written by DeepSpeed ZeRO-3.*same layout"):
         checkpoint.load_tensors(tmp_path, {"actor": torch.nn.Linear(2, 2)})  # a plain (FSDP2/1-process) run
     with pytest.raises(ValueError, match="written on 2 ranks.*this run: \\['actor_critic'\\] on 1"):
         zero3.load_engines(tmp_path, {"actor_critic": None})  # the engines, on 1 rank
     with pytest.raises(ValueError, match="not a DeepSpeed checkpoint"):
         zero3.load_engines(tmp_path / "missing", {"actor_critic": None})
     with pytest.raises(ValueError, match="run.train_backend: expected"):
-        zero3.use_zero3("zero3")
-    assert not zero3.use_zero3("deepspeed")  # single process: plain modules
+        layout.uses_zero3("zero3")
+    assert not layout.uses_zero3("deepspeed")  # single process: plain modules

@@ -15,8 +15,8 @@ The DCP directories (state/ below) are checked by dcp_check.check_dcp_dir before
 (it unpickles `.metadata` and non-tensor entries unrestricted).
         state/              the current stage's models and optimizers: torch.distributed.checkpoint
                             (DCP) files, written by every rank in parallel, loadable on any world size;
-                            under run.train_backend=deepspeed (ZeRO-3 engines) DeepSpeed's own
-                            checkpoint instead (zero3.save_engines: same world size only)
+                            a layout with its own files writes those instead and a layout.json
+                            (ZeRO-3: DeepSpeed's per-rank files, engine/layout/zero3.py)
     stages/<name>/          a finished stage's output models (DCP), kept for the run's lifetime
     .tmp-*                  under construction: never read, removed by the next save
 
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
 import pickle
 import random
@@ -66,7 +67,6 @@ from torch import nn
 from rlp_engine.config import ConfigError
 from rlp_engine.engine.dcp_check import check_dcp_dir
 from rlp_engine.engine.distributed import barrier, rank_and_world
-from rlp_engine.engine.layout import zero3
 
 CKPT_RE = re.compile(r"^ckpt-(\d{6})$")
 
@@ -236,23 +236,25 @@ def _tensor_state(modules: dict[str, nn.Module], optimizers: list[torch.optim.Op
     return holder, {"model": msd, "optim": osd}
 
 
-def _engines(modules: dict[str, nn.Module]) -> bool:
-    """True when the modules are DeepSpeed engines (all of them: a mix is refused)."""
-    engines = [zero3.is_engine(m) for m in modules.values()]
-    if any(engines) and not all(engines):
-        raise ValueError(f"checkpoint: {sorted(modules)} mixes DeepSpeed engines and other modules")
-    return bool(engines) and all(engines)
+# A layout that keeps its own checkpoint files (DeepSpeed ZeRO-3: per-rank partitions) passes, instead
+# of a dict of modules, an object with save_state(path) / load_state(path), and writes LAYOUT_FILE
+# ({"layout": name, ...}) beside its files, so that another layout's resume is refused by name.
+LAYOUT_FILE = "layout.json"
+
+
+def _own_files(modules) -> bool:
+    return hasattr(modules, "save_state") and hasattr(modules, "load_state")
 
 
 def save_tensors(path: Path, modules: dict[str, nn.Module], optimizers=()) -> None:
-    """Collective: DCP save of the modules' and optimizers' state into directory `path`. ZeRO-3
-    engines (each holds its optimizer: `optimizers` is then unused) go through DeepSpeed's own
-    checkpoint instead."""
+    """Collective: DCP save of the modules' and optimizers' state into directory `path`. A layout with
+    its own files (see LAYOUT_FILE: `modules.save_state`; it holds its optimizer, `optimizers` is then
+    unused) writes those instead."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
-    if _engines(modules):
-        zero3.save_engines(path, modules)
+    if _own_files(modules):
+        modules.save_state(Path(path))
         return
     _, sd = _tensor_state(modules, list(optimizers))
     with warnings.catch_warnings():
@@ -264,17 +266,18 @@ def save_tensors(path: Path, modules: dict[str, nn.Module], optimizers=()) -> No
 
 def load_tensors(path: Path, modules: dict[str, nn.Module], optimizers=()) -> None:
     """Collective: load a `save_tensors` directory into the modules and optimizers in place (any
-    world size: DCP reshards). ZeRO-3 engines: DeepSpeed's checkpoint, on the same world size."""
+    world size: DCP reshards). A layout with its own files (`modules.load_state`) reads those."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    if _engines(modules):
-        zero3.load_engines(path, modules)
+    if _own_files(modules):
+        modules.load_state(Path(path))
         return
-    if (path / zero3.INFO_FILE).is_file():
+    if (path / LAYOUT_FILE).is_file():
+        layout = json.loads((path / LAYOUT_FILE).read_text()).get("layout", "another layout")
         raise ValueError(
-            f"resume: {path} was written by DeepSpeed ZeRO-3 (run.train_backend=deepspeed) and loads only "
-            "into the same backend on the same world size"
+            f"resume: {path} was written by {layout} (its own checkpoint files) and loads only into the "
+            "same layout; resume with the run.train_backend that wrote it"
         )
     check_dcp_dir(path)  # DCP unpickles .metadata and non-tensor entries unrestricted: check first
     optimizers = list(optimizers)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from rlp_engine.engine import reshard
+from rlp_engine.engine.checkpoint import LAYOUT_FILE
 from rlp_engine.engine.distributed import rank_and_world
 from rlp_engine.engine.guards import NonFiniteGuard, combine_flags, record_skip
 from rlp_engine.models.policy import CausalLMLogprobs, unwrap_lm
@@ -235,6 +236,20 @@ def guarded_step(
     return True, grad_norm
 
 
+class Zero3Checkpoint:
+    """What a ZeRO-3 loop hands engine.checkpoint: DeepSpeed's own files of its engines (weights and
+    optimizer state, every rank its own partition), on the same world size only."""
+
+    def __init__(self, engines: dict):
+        self.engines = engines
+
+    def save_state(self, path: Path) -> None:
+        save_engines(path, self.engines)
+
+    def load_state(self, path: Path) -> None:
+        load_engines(path, self.engines)
+
+
 class Zero3Handle:
     """TrainHandle (engine/layout/__init__.py) over one ZeRO-3 engine: `parts` are Routes, the step is
     the engine's (its own clipping and overflow check), checkpoints are DeepSpeed's own files."""
@@ -250,8 +265,8 @@ class Zero3Handle:
     ) -> tuple[bool, torch.Tensor]:
         return guarded_step(loss, self.engine, guard=guard, step=step, scheduler=scheduler)
 
-    def checkpoint_modules(self) -> dict:
-        return {"_".join(self.parts): self.engine}  # DeepSpeed's own checkpoint of the engine
+    def checkpoint_modules(self) -> Zero3Checkpoint:
+        return Zero3Checkpoint({"_".join(self.parts): self.engine})
 
     def offloaded(self, name: str) -> AbstractContextManager:
         return nullcontext()  # gathered module by module when synced; nothing to move aside
@@ -277,7 +292,7 @@ def zero3_handle(
 
 # ---------------------------------------------------------------- loop checkpoints
 
-INFO_FILE = "deepspeed.json"
+INFO_FILE = LAYOUT_FILE  # {"layout": "DeepSpeed ZeRO-3", "world_size", "tags"}
 
 
 def save_engines(path: Path, engines: dict) -> None:
@@ -287,7 +302,12 @@ def save_engines(path: Path, engines: dict) -> None:
     for name, engine in engines.items():
         engine.save_checkpoint(str(path), tag=name, save_latest=False)
     if rank == 0:
-        (Path(path) / INFO_FILE).write_text(json.dumps({"world_size": world, "tags": list(engines)}))
+        info = {
+            "layout": "DeepSpeed ZeRO-3 (run.train_backend=deepspeed)",
+            "world_size": world,
+            "tags": list(engines),
+        }
+        (Path(path) / INFO_FILE).write_text(json.dumps(info))
 
 
 def load_engines(path: Path, engines: dict) -> None:
