@@ -8,10 +8,11 @@ model.safetensors, with config.pad_token_id set and the tokenizer beside it, so 
 reward workers start from it) loads it with no custom code.
 
 What carries over exactly, and what does not:
-- HF's `score` Linear has no bias; ours has one. Bradley-Terry training never moves it (its gradient
-  is the same on the chosen and rejected score and cancels), so it is 0 in most checkpoints and the
-  export is exact. A non-zero bias is refused unless drop_bias=True: then the exported scores are ours
-  minus the bias. Preference probabilities are unchanged (shift-invariant); PPO rewards are not, so
+- HF's `score` Linear has no bias; ours has one. Under Bradley-Terry its gradient cancels between the
+  chosen and rejected scores up to rounding, so it stays at or near its initial 0 (a default run:
+  rm_uml and rm_spg exactly 0, rm -5.5e-6, Adam scaling the rounding residue up). A zero bias exports
+  exactly. A non-zero one is refused unless drop_bias=True: then the exported scores are ours minus
+  the bias. Preference probabilities are unchanged (shift-invariant); PPO rewards are not, so
   the constant is written to config.json as `rlp_engine_dropped_score_bias` and returned.
 - HF reads the score at the rightmost token that is not pad_token_id; ours at the last position where
   attention_mask is 1. Same token whenever padding uses the pad token and real tokens never do.
