@@ -119,3 +119,19 @@ def test_vectorised_gae_baseline_matches_the_time_loop(mask_mode):
     want = gae_ref(r.double(), v.double(), mask, 0.99, 0.95, mask_mode)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_summary_shows_spread_and_conditions_where_recorded():
+    summarize = _load("summarize")
+    base = {"date": "2026-12-06", "commit": "abc", "device": "cpu", "shape": "s", "ratio": "2"}
+    base["peak_mb"] = "3"
+    rows = [
+        {**base, "bench": "old", "variant": "v0", "median_ms": "1.5"},  # a row from before the columns
+        {**base, "bench": "new", "variant": "v1", "median_ms": "1.5", "min_ms": "1.25", "max_ms": "9.5",
+         "threads": "1", "loadavg": "9.10/8.00/7.00", "torch": "2.13.0", "triton": "3.9.0"},
+    ]  # fmt: skip
+    out = summarize.render(summarize.latest_runs(rows))
+    assert "| v1 | s | 1.5 | 1.25-9.5 | 2 | 3 |" in out
+    assert "| v0 | s | 1.5 |  | 2 | 3 |" in out
+    assert "1 threads, load average 9.10/8.00/7.00, torch 2.13.0, triton 3.9.0" in out
+    assert out.count("threads, load average") == 1
