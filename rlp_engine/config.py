@@ -23,14 +23,7 @@ from pathlib import Path
 
 import yaml
 
-KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k1_nonneg")
-AGG_MODES = (
-    "token-mean",
-    "token-sum",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-)
+from rlp_engine.op_names import AGG_MODES, KL_KINDS  # the ops' own lists (torch-free module)
 
 
 class ConfigError(ValueError):

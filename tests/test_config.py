@@ -67,6 +67,44 @@ def test_bad_choice_and_malformed_override():
         load_config(preset="huge")
 
 
+def _config_accepts(key, value) -> bool:
+    try:
+        return getattr(load_config(overrides=[f"{key}={value}"]).ppo, key.split(".")[1]) == value
+    except ConfigError:
+        return False
+
+
+def _op_accepts(fn, *args, **kwargs) -> bool:
+    try:
+        fn(*args, **kwargs)
+    except ValueError:
+        return False
+    return True
+
+
+# names the ops refuse, near the ones they accept
+NEAR_MISSES = ("k9", "K3", "k3++", "+", "kl_nonneg", "seq-sum", "token_mean", "seq-mean-token-sum-norm+")
+
+
+def test_config_accepts_exactly_the_kinds_and_agg_modes_the_ops_accept():
+    """ppo.kl_kind / ppo.agg take the names the ops take (one list, rlp_engine.op_names): the "+"
+    kinds too (config used to refuse ppo.kl_kind=k3+ although kl_penalty accepts it)."""
+    import torch
+
+    from rlp_engine import ops
+
+    lp, ref = torch.randn(2, 3), torch.randn(2, 3)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    for kind in (*ops.KL_KINDS, *NEAR_MISSES):
+        op = _op_accepts(ops.kl_penalty, lp, ref, kind)
+        assert _config_accepts("ppo.kl_kind", kind) == op, kind
+    for agg in (*ops.AGG_MODES, *NEAR_MISSES):
+        op = _op_accepts(ops.ppo_policy_loss, lp, ref, ref, mask, agg=agg)
+        assert op == _op_accepts(ops.agg_loss, lp, mask, agg), agg
+        assert _config_accepts("ppo.agg", agg) == op, agg
+    assert _config_accepts("ppo.kl_kind", "k3+") and not _config_accepts("ppo.kl_kind", "k9")
+
+
 def test_parse_override_values():
     assert parse_override("model.path=null") == ("model.path", None)
     assert parse_override("a.b=3e-4") == ("a.b", 3e-4)
