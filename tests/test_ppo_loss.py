@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlp_engine.ops import AGG_MODES, agg_weights, backend, ppo_policy_loss, ppo_value_loss
-from rlp_engine.ops.ppo import row_scale
+from rlp_engine.ops.reduce import row_scale
 
 
 def agg64(L, mask, mode, dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
@@ -147,15 +147,23 @@ def test_normalisers(backend_name, agg):
 
 
 @pytest.mark.parametrize("agg", AGG_MODES)
-def test_row_scale_is_agg_weights(agg):
+def test_row_scale_gives_verls_agg(agg):
+    """row_scale (the normalisers of the PPO losses and of agg_weights alike) against verl's agg_loss
+    in float64: sum(mask * s[:, None] * L) over the mask, in fp32 and in fp64."""
     mask = make_mask(6, 10)
+    L = torch.randn(6, 10, dtype=torch.float64)
     for kw in (
         {},
         dict(dp_size=2, batch_num_tokens=torch.tensor(77.0), global_batch_size=5, loss_scale_factor=8),
     ):
-        scale, n = row_scale(mask, agg, torch.float32, **kw)
-        torch.testing.assert_close(mask.float() * scale[:, None], agg_weights(mask, agg, **kw))
-        assert n == mask.sum()
+        want = agg64(L, mask, agg, **kw)
+        for dtype in (torch.float32, torch.float64):
+            scale, n = row_scale(mask, agg, dtype, **kw)
+            assert scale.dtype == dtype and scale.shape == (6,) and n == mask.sum()
+            got = (mask.double() * scale.double()[:, None] * L).sum()
+            exact = dtype == torch.float64 and not kw  # (the given fp32 batch_num_tokens rounds in fp32)
+            torch.testing.assert_close(got, want, rtol=1e-12 if exact else 1e-6, atol=0)
+        torch.testing.assert_close((agg_weights(mask, agg, **kw).double() * L).sum(), want, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -255,9 +263,7 @@ def test_value_ties_low_precision_and_float64(backend_name):
 
 
 def test_opcheck_cpp_ops():
-    from rlp_engine.ops.ppo import _cpp
-
-    ops = _cpp()
+    ops = torch.ops.rlp  # its fake kernels and autograd formulas were registered at import
     lp, old, adv, isw, mask = policy_inputs(3, 11, nan=False)
     scale = torch.rand(3)
     for w, dual in ((None, None), (isw, 3.0)):

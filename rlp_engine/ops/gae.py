@@ -8,13 +8,12 @@ chunked parallel scan over T (kernels/gae.py). All compute and return fp32.
 
 from __future__ import annotations
 
-import functools
 import numbers
 
 import torch
 
 from rlp_engine.kernels.gae import gae_forward, gae_ref
-from rlp_engine.ops._backend import cpp_ops, select
+from rlp_engine.ops._backend import cpp_available, cpp_ops, select
 from rlp_engine.ops._checks import check_choice, check_mask, check_same_shape, check_tensor
 
 OP = "compute_gae"
@@ -31,20 +30,17 @@ def _gae_fake(token_rewards, values, mask, gamma, lam, carry):
     return torch.empty_like(values), torch.empty_like(values)
 
 
-@functools.cache
-def _cpp():
-    """torch.ops.rlp with the fake (meta) kernel of rlp::gae registered, once. No autograd formula:
-    GAE outputs are targets, and compute_gae calls the op on detached inputs."""
-    ops = cpp_ops()
+if cpp_available():
+    # The fake (meta) kernel, registered when the extension loads. No autograd formula: GAE outputs
+    # are targets, and compute_gae calls the op on detached inputs.
     torch.library.register_fake("rlp::gae")(_gae_fake)
-    return ops
 
 
 def _cpp_gae(r, v, m, gamma, lam, carry):
     # The kernel reads fp32 rewards/values and a fp32 or bool mask: convert anything else once here.
     if m.dtype != torch.bool:
         m = m.to(torch.float32)
-    return _cpp().gae(r.float().contiguous(), v.float().contiguous(), m.contiguous(), gamma, lam, carry)
+    return cpp_ops().gae(r.float().contiguous(), v.float().contiguous(), m.contiguous(), gamma, lam, carry)
 
 
 def compute_gae(

@@ -7,18 +7,11 @@ and return fp32 for fp16/bf16/fp32 inputs; fp64 inputs compute and return fp64 o
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from rlp_engine.kernels.kl import (
-    KL_KINDS,
-    compute_dtype,
-    kl_penalty_backward,
-    kl_penalty_forward,
-    kl_penalty_ref,
-)
-from rlp_engine.ops._backend import cpp_ops, select
+from rlp_engine.kernels.kl import compute_dtype, kl_penalty_backward, kl_penalty_forward, kl_penalty_ref
+from rlp_engine.op_names import KL_KINDS
+from rlp_engine.ops._backend import cpp_available, cpp_ops, select
 from rlp_engine.ops._checks import check_choice, check_same_shape, check_tensor
 
 __all__ = ["KL_KINDS", "kl_penalty"]
@@ -42,7 +35,7 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kind: str = "k1
     dt = torch.promote_types(logprob.dtype, ref_logprob.dtype)
     lp, ref = logprob.to(dt).contiguous(), ref_logprob.to(dt).contiguous()
     if name == "cpp":
-        return _cpp().kl_penalty(lp, ref, kind)
+        return cpp_ops().kl_penalty(lp, ref, kind)
     return _KLTriton.apply(lp, ref, kind)
 
 
@@ -86,11 +79,12 @@ def _kl_backward_fake(grad, logprob, ref_logprob, kind):
     return grad.new_empty(logprob.shape)
 
 
-@functools.cache
-def _cpp():
-    """torch.ops.rlp with the KL ops' autograd formula and fake (meta) kernels registered, once."""
-    ops = cpp_ops()
+def _register_cpp() -> None:
+    """The KL ops' autograd formula and fake (meta) kernels, registered when the extension loads."""
     torch.library.register_fake("rlp::kl_penalty")(_kl_fake)
     torch.library.register_fake("rlp::kl_penalty_backward")(_kl_backward_fake)
     torch.library.register_autograd("rlp::kl_penalty", _cpp_backward, setup_context=_cpp_setup)
-    return ops
+
+
+if cpp_available():
+    _register_cpp()

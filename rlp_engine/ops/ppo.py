@@ -13,7 +13,6 @@ importance weights, old values and returns are constants, as in every PPO implem
 
 from __future__ import annotations
 
-import functools
 import numbers
 
 import torch
@@ -24,35 +23,12 @@ from rlp_engine.kernels.ppo_loss import (
     ppo_value_forward,
     ppo_value_loss_ref,
 )
-from rlp_engine.ops._backend import cpp_ops, select
+from rlp_engine.op_names import AGG_MODES
+from rlp_engine.ops._backend import cpp_available, cpp_ops, select
 from rlp_engine.ops._checks import check_choice, check_mask, check_same_shape, check_tensor
-from rlp_engine.ops.reduce import AGG_MODES
+from rlp_engine.ops.reduce import row_scale
 
-__all__ = ["ppo_policy_loss", "ppo_value_loss", "row_scale"]
-
-
-def row_scale(
-    valid, agg, dtype, *, dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s [B], n_tokens 0-dim) with agg_weights(mask, agg, ...) == mask * s[:, None]; valid: bool [B, T].
-    Same normalisers as rlp_engine.ops.reduce.agg_weights, computed in `dtype` from per-row counts."""
-    B, T = valid.shape
-    rows = valid.sum(dim=-1, dtype=dtype)  # [B] tokens per sequence
-    n_tokens = rows.sum()
-    if agg == "token-sum":
-        s = 1.0
-    elif agg == "token-mean":
-        s = dp_size / (n_tokens.clamp_min(1.0) if batch_num_tokens is None else batch_num_tokens)
-    elif agg == "seq-mean-token-sum-norm":
-        # max(T, 1): with T = 0 there is no loss to scale (agg_loss gives 0 there too)
-        s = 1.0 / (max(T, 1) if loss_scale_factor is None else loss_scale_factor)
-    else:
-        seqs = (rows > 0).sum(dtype=dtype).clamp_min(1.0) if global_batch_size is None else global_batch_size
-        s = dp_size / seqs
-        if agg == "seq-mean-token-mean":
-            return s / (rows + 1e-8), n_tokens
-    s = torch.as_tensor(s, dtype=dtype, device=valid.device)
-    return s.expand(B).contiguous(), n_tokens
+__all__ = ["ppo_policy_loss", "ppo_value_loss", "truncated_is_weights"]
 
 
 def _check_clip(op: str, name: str, value, allow_none: bool = False) -> None:
@@ -142,7 +118,7 @@ def ppo_policy_loss(
     clip_low, clip_high = float(clip_low), float(clip_high)
     dual_clip = None if dual_clip is None else float(dual_clip)
     if name == "cpp":
-        row_loss, row_stats, _ = _cpp().ppo_policy_loss_fwd(
+        row_loss, row_stats, _ = cpp_ops().ppo_policy_loss_fwd(
             lp, old, adv, valid, scale, isw, clip_low, clip_high, dual_clip
         )
         loss, sums = row_loss.sum(), row_stats.detach().sum(dim=0)
@@ -187,11 +163,33 @@ def ppo_value_loss(
     v, vo, ret = (t.to(dt).contiguous() for t in (values, old_values, returns))
     clip = None if clip is None else float(clip)
     if name == "cpp":
-        row_loss, row_clip, _ = _cpp().ppo_value_loss_fwd(v, vo, ret, valid, scale, clip)
+        row_loss, row_clip, _ = cpp_ops().ppo_value_loss_fwd(v, vo, ret, valid, scale, clip)
         loss, nclip = row_loss.sum(), row_clip.detach().sum()
     else:
         loss, nclip = _ValueTriton.apply(v, vo, ret, valid.view(torch.uint8), scale, clip)
     return loss, {"clipfrac": (nclip / (n_tokens + 1e-8)).float()}
+
+
+def truncated_is_weights(trainer_logprobs, gen_logprobs, mask, cap):
+    """Truncated importance-sampling weights min(exp(trainer_logprobs - gen_logprobs), cap) of the
+    sampled tokens, to pass as ppo_policy_loss's `is_weights`: PPO's ratio is taken against the
+    trainer's old log-probs, but the tokens came from the generator, whose numerics (vLLM, other
+    kernels, bf16) may differ; the cap bounds the variance.
+
+    trainer_logprobs, gen_logprobs: same shape (usually [B, T]), floating; mask: that shape, bool,
+    integer or floating (nonzero = on). cap: a number > 0 (inf: no truncation). Returns fp32 computed
+    in fp32, exactly 0 off the mask even where the inputs hold NaN or inf there, and no gradient."""
+    op = "truncated_is_weights"
+    check_tensor(op, "trainer_logprobs", trainer_logprobs)
+    check_tensor(op, "gen_logprobs", gen_logprobs)
+    check_same_shape(op, "trainer_logprobs", trainer_logprobs, gen_logprobs=gen_logprobs)
+    check_mask(op, mask, trainer_logprobs, "trainer_logprobs")
+    if not isinstance(cap, numbers.Real) or isinstance(cap, bool) or not cap > 0:
+        raise ValueError(f"{op}: cap must be a number > 0, got {cap!r}")
+    with torch.no_grad():
+        w = torch.exp(trainer_logprobs.float() - gen_logprobs.float()).clamp(max=float(cap))
+        # where, not multiply: 0 * NaN (or inf) off the mask would be NaN
+        return torch.where(mask.bool(), w, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
 class _PolicyTriton(torch.autograd.Function):
@@ -248,12 +246,13 @@ def _value_fake(values, old_values, returns, mask, row_scale, clip):
     return row_scale.new_empty(B), row_scale.new_empty(B), row_scale.new_empty(B, T)
 
 
-@functools.cache
-def _cpp():
-    """torch.ops.rlp with the PPO loss ops' autograd formulas and fake kernels registered, once."""
-    ops = cpp_ops()
+def _register_cpp() -> None:
+    """The PPO loss ops' autograd formulas and fake kernels, registered when the extension loads."""
     torch.library.register_fake("rlp::ppo_policy_loss_fwd")(_policy_fake)
     torch.library.register_fake("rlp::ppo_value_loss_fwd")(_value_fake)
     torch.library.register_autograd("rlp::ppo_policy_loss_fwd", _fwd_backward, setup_context=_fwd_setup)
     torch.library.register_autograd("rlp::ppo_value_loss_fwd", _fwd_backward, setup_context=_fwd_setup)
-    return ops
+
+
+if cpp_available():
+    _register_cpp()

@@ -6,15 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from rlp_engine.op_names import AGG_MODES
 from rlp_engine.ops._checks import check_choice, check_mask, check_tensor
-
-AGG_MODES = (
-    "token-mean",
-    "token-sum",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-)
 
 
 def _valid(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -66,6 +59,38 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     return out.to(x.dtype)
 
 
+def row_scale(
+    mask: torch.Tensor,
+    mode: str,
+    dtype: torch.dtype = torch.float32,
+    *,
+    dp_size: int = 1,
+    batch_num_tokens=None,
+    global_batch_size=None,
+    loss_scale_factor=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one place the aggregation normalisers are computed: (s [B], n_tokens 0-dim) in `dtype`
+    with agg_weights(mask, mode, ...) == mask * s[:, None]. mask [B, T] (a bool mask for the PPO
+    losses, whose kernels take s; 0/1 or fractional weights for agg_loss); `mode` already checked."""
+    B, T = mask.shape
+    rows = mask.to(dtype).sum(dim=-1)  # [B] tokens (or mask weight) per sequence
+    n_tokens = rows.sum()
+    if mode == "token-sum":
+        s = 1.0
+    elif mode == "token-mean":
+        s = dp_size / (n_tokens.clamp_min(1.0) if batch_num_tokens is None else batch_num_tokens)
+    elif mode == "seq-mean-token-sum-norm":
+        # max(T, 1): with T = 0 there is no loss to scale (agg_loss gives 0 there too)
+        s = 1.0 / (max(T, 1) if loss_scale_factor is None else loss_scale_factor)
+    else:
+        seqs = (rows > 0).sum(dtype=dtype).clamp_min(1.0) if global_batch_size is None else global_batch_size
+        s = dp_size / seqs
+        if mode == "seq-mean-token-mean":
+            return s / (rows + 1e-8), n_tokens
+    s = torch.as_tensor(s, dtype=dtype, device=mask.device)
+    return s.expand(B).contiguous(), n_tokens
+
+
 def agg_weights(
     mask: torch.Tensor,
     mode: str = "token-mean",
@@ -89,19 +114,15 @@ def agg_weights(
     if mask.dim() != 2:
         raise ValueError(f"agg_loss: mask must be [B, T], got shape {tuple(mask.shape)}")
     m = mask.float()
-    if mode == "token-sum":
-        return m
-    if mode == "token-mean":
-        n = m.sum().clamp_min(1.0) if batch_num_tokens is None else batch_num_tokens
-        return m * (dp_size / n)
-    if mode == "seq-mean-token-sum-norm":
-        scale = m.shape[-1] if loss_scale_factor is None else loss_scale_factor
-        return m / scale
-    row = m.sum(dim=-1, keepdim=True)  # [B, 1] tokens per sequence
-    seqs = (row > 0).float().sum().clamp_min(1.0) if global_batch_size is None else global_batch_size
-    if mode == "seq-mean-token-sum":
-        return m * (dp_size / seqs)
-    return m / (row + 1e-8) * (dp_size / seqs)  # seq-mean-token-mean
+    scale, _ = row_scale(
+        m,
+        mode,
+        dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size,
+        loss_scale_factor=loss_scale_factor,
+    )
+    return m * scale[:, None]
 
 
 def agg_loss(
