@@ -147,7 +147,8 @@ def _export_rm(args) -> int:
 def _interrupted(cfg, err: BaseException) -> int:
     """Ctrl-C or SIGTERM: one line saying where the run stopped, what is saved and how to continue;
     exit 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
-    from rlp_engine.engine.checkpoint import SIGINT, CheckpointStore, Interrupted
+    from rlp_engine.engine.checkpoint import CheckpointStore
+    from rlp_engine.engine.interrupts import SIGINT, Interrupted
 
     out = cfg.run.output_dir
     if isinstance(err, Interrupted):
@@ -179,9 +180,9 @@ def _train(args, cfg, hook: Hook | None = None) -> int:
     # the pipeline then runs data/prepare.prepare_inputs before it creates the output directory.
     check_limits(cfg.data)
     check_paths(cfg)
-    from rlp_engine.engine.checkpoint import Interrupted, save_on_sigint
     from rlp_engine.engine.distributed import finish
     from rlp_engine.engine.guards import NonFiniteError
+    from rlp_engine.engine.interrupts import Interrupted, save_on_sigint
     from rlp_engine.pipeline.run import run_pipeline
 
     try:

@@ -25,15 +25,8 @@ from torch import nn
 from rlp_engine import __version__, cli
 from rlp_engine.cli import main
 from rlp_engine.config import load_config, to_dict
-from rlp_engine.engine.checkpoint import (
-    SIGINT,
-    CheckpointStore,
-    Interrupted,
-    LoopCheckpoint,
-    from_plain,
-    save_on_sigint,
-    to_plain,
-)
+from rlp_engine.engine.checkpoint import CheckpointStore, LoopCheckpoint, from_plain, to_plain
+from rlp_engine.engine.interrupts import SIGINT, Interrupted, save_on_sigint
 from rlp_engine.engine.metrics import MetricsLogger, console_line
 
 # ---- --version and --print-config ----

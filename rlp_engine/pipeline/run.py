@@ -31,8 +31,9 @@ import torch
 
 from rlp_engine import ops
 from rlp_engine.config import ConfigError, TrainConfig, dump_yaml, to_dict
-from rlp_engine.engine.checkpoint import SIGINT, CheckpointStore, Hook, Interrupted, LoopCheckpoint, publish
+from rlp_engine.engine.checkpoint import CheckpointStore, Hook, LoopCheckpoint, publish
 from rlp_engine.engine.distributed import barrier, check_replicas, init_distributed, rank_and_world
+from rlp_engine.engine.interrupts import SIGINT, Interrupted
 from rlp_engine.engine.metrics import MetricsLogger, Throughput
 from rlp_engine.pipeline.evaluate import evaluate_all
 from rlp_engine.pipeline.inputs import prepare_inputs
