@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import math
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -140,6 +142,14 @@ class PPOConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """PPO's rollout engine (rlp_engine.engine.rollout): "builtin" (the static-cache generator) or
+    "vllm" (a colocated vLLM engine; the optional vllm extra, CUDA and a model.path directory)."""
+
+    backend: str = "builtin"
+
+
+@dataclass
 class SampleConfig:
     """Stage 4: the set P of n responses per unlabeled prompt from the PPO policy."""
 
@@ -241,6 +251,7 @@ class TrainConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     uml: UMLConfig = field(default_factory=UMLConfig)
     spg: SPGConfig = field(default_factory=SPGConfig)
@@ -295,6 +306,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "run.backend": ("auto", "torch", "cpp", "triton"),
     "run.train_backend": ("fsdp2", "deepspeed"),
+    "rollout.backend": ("builtin", "vllm"),
     "data.long_prompts": ("truncate", "drop", "error"),
 }
 
@@ -492,10 +504,33 @@ def check_together(cfg: TrainConfig) -> None:
         index = int(device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
             raise ConfigError(f"run.device: {device!r} but this machine has {torch.cuda.device_count()} GPUs")
+    _check_rollout(cfg)
     # Triton runs on CPU tensors only in its interpreter (set before triton is imported; the tests)
     if cfg.run.backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(
             "run.backend: 'triton' needs a CUDA device (run.device=cuda); on CPU use auto, cpp or torch"
+        )
+
+
+def _importable(name: str) -> bool:
+    """Whether `import name` would find the package, without importing it (vLLM takes seconds)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None  # None: imports of it are blocked
+    return importlib.util.find_spec(name) is not None
+
+
+def _check_rollout(cfg: TrainConfig) -> None:
+    if cfg.rollout.backend != "vllm":
+        return
+    if not _importable("vllm"):
+        raise ConfigError(
+            "rollout.backend: 'vllm' but vLLM is not installed; pip install 'rlp-engine[vllm]' "
+            "(CUDA, its own torch pin) or use rollout.backend=builtin"
+        )
+    if cfg.model.path is None:
+        raise ConfigError(
+            "rollout.backend: 'vllm' builds the policy from its Hugging Face directory; set model.path "
+            "(the built-in tiny model has none) or use rollout.backend=builtin"
         )
 
 

@@ -1,5 +1,5 @@
 """Built-in static-cache generator against HF generate and teacher-forced log-probs; sampling
-filters, stop tokens, determinism, argument errors; truncated importance-sampling weights."""
+filters, stop tokens, determinism, argument errors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from rlp_engine.engine.generator import (
     generate,
     pad_prompts,
     sample_tokens,
-    truncated_is_weights,
 )
 
 V = 256
@@ -218,35 +217,6 @@ def test_list_prompts_are_left_padded(model):
     out = Generator(model, 12).generate([[5, 6, 7], [9]], max_new_tokens=4, temperature=0.0)
     single = Generator(model, 12).generate([[9]], max_new_tokens=4, temperature=0.0)
     assert torch.equal(out.tokens[1], single.tokens[0])  # padding does not change a row's output
-
-
-def test_truncated_is_weights():
-    lp_train = torch.randn(3, 5, requires_grad=True)
-    lp_gen = lp_train.detach() + 0.5 * torch.randn(3, 5)
-    mask = (torch.rand(3, 5) > 0.3).float()
-    lp_gen = torch.where(mask.bool(), lp_gen, torch.nan)  # masked positions hold garbage
-    w = truncated_is_weights(lp_train, lp_gen, mask, cap=1.5)
-    expected = torch.exp(lp_train.detach() - lp_gen).clamp(max=1.5)
-    torch.testing.assert_close(w[mask.bool()], expected[mask.bool()])
-    assert (w[~mask.bool()] == 0).all() and not w.requires_grad and w.dtype == torch.float32
-    assert w.max() <= 1.5
-    with pytest.raises(ValueError, match="shapes differ"):
-        truncated_is_weights(lp_train, lp_gen[:, :4], mask)
-    with pytest.raises(ValueError, match="cap"):
-        truncated_is_weights(lp_train, lp_gen, mask, cap=0)
-    with pytest.raises(TypeError, match="generator_logprob must be a torch.Tensor"):
-        truncated_is_weights(lp_train, [1.0], mask)
-
-
-def test_is_weights_feed_ppo_policy_loss():
-    from rlp_engine.ops import ppo_policy_loss
-
-    lp, old = torch.randn(2, 6, requires_grad=True), torch.randn(2, 6)
-    adv, mask = torch.randn(2, 6), torch.ones(2, 6)
-    w = truncated_is_weights(lp.detach(), old - 0.1, mask)
-    loss, _ = ppo_policy_loss(lp, old, adv, mask, is_weights=w)
-    unweighted, _ = ppo_policy_loss(lp, old, adv, mask)
-    assert torch.isfinite(loss) and not torch.equal(loss, unweighted)
 
 
 def test_fast_decode_step_matches_the_model_forward_on_qwen2_mha():

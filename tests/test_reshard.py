@@ -1,4 +1,4 @@
-"""Bucketed weight sync in one process: exact copies, bucket bounds, name maps, tp slices, errors;
+"""Bucketed weight sync in one process: exact copies, bucket bounds, name maps, named tensors, errors;
 the ZeRO-3 wrapper (config, missing deepspeed, module-by-module gather against a fake
 `deepspeed.zero.GatheredParameters`). The sharded paths run with 2 processes: FSDP2 -> full weights in
 tests/test_distributed.py, a real ZeRO-3 gather (DeepSpeed installed) in tests/test_deepspeed.py."""
@@ -87,38 +87,19 @@ def test_tied_destination_accepts_either_name():
     assert torch.equal(dst.lm_head.weight, src.model.embed_tokens.weight)
 
 
-class _Block(nn.Module):
-    def __init__(self, hidden, inner):
-        super().__init__()
-        self.up = nn.Linear(hidden, inner)  # column-parallel: rows of weight and bias split
-        self.down = nn.Linear(inner, hidden, bias=False)  # row-parallel: columns split
-        self.norm = nn.LayerNorm(hidden)  # replicated
-
-
-@pytest.mark.parametrize("tp_size", [2, 4])
-def test_tp_layout_keeps_this_ranks_slice(tp_size):
-    full = _Block(8, 12)
-    for rank in range(tp_size):
-        part = _Block(8, 12 // tp_size)
-        part.down = nn.Linear(12 // tp_size, 8, bias=False)
-        reshard.sync_to_module(full, part, bucket_mb=0.001, tp_rank=rank, tp_size=tp_size)
-        rows = slice(rank * 12 // tp_size, (rank + 1) * 12 // tp_size)
-        assert torch.equal(part.up.weight, full.up.weight[rows])
-        assert torch.equal(part.up.bias, full.up.bias[rows])
-        assert torch.equal(part.down.weight, full.down.weight[:, rows])
-        assert torch.equal(part.norm.weight, full.norm.weight)
-
-
-def test_explicit_tp_plan_and_bad_shapes_raise():
-    full, part = nn.Linear(6, 6, bias=False), nn.Linear(3, 6, bias=False)
-    reshard.sync_to_module(full, part, tp_rank=1, tp_size=2, tp_plan={"weight": 1})
-    assert torch.equal(part.weight, full.weight[:, 3:])
-    with pytest.raises(ValueError, match="cannot place a \\(6, 6\\) tensor into \\(5, 6\\)"):
-        reshard.sync_to_module(full, nn.Linear(6, 5, bias=False), tp_rank=0, tp_size=2)
-    with pytest.raises(ValueError, match="tp_rank 2 outside tp_size 2"):
-        reshard.ModuleSink(part, tp_rank=2, tp_size=2)
-    with pytest.raises(ValueError, match="has shape \\(6, 6\\), destination \\(6, 5\\)"):
+def test_shape_mismatch_names_the_tensor():
+    full = nn.Linear(6, 6, bias=False)
+    with pytest.raises(ValueError, match="'weight' has shape \\(6, 6\\), destination \\(6, 5\\)"):
         reshard.sync_to_module(full, nn.Linear(5, 6, bias=False).requires_grad_(False))
+
+
+def test_load_into_module_takes_named_tensors():
+    src, dst = _tiny(0), _tiny(1)
+    named = ((n, p.detach().clone()) for n, p in src.named_parameters())  # lazy, as a gather would be
+    record = reshard.load_into_module(named, dst, bucket_mb=0.01)
+    assert record.buckets > 1 and record.tensors == len(list(src.parameters()))
+    for (n, a), b in zip(src.named_parameters(), dst.parameters()):
+        assert torch.equal(a, b), n
 
 
 def _ds_policy():

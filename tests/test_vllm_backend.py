@@ -1,6 +1,7 @@
 """vLLM backend against a small fake `vllm` module (vLLM itself cannot be installed beside the
 CPU torch): engine arguments, the sleep / wake_up / bucketed load / prefix-reset call sequence,
-sampling-parameter mapping, output conversion, and the error when vLLM is absent."""
+sampling-parameter mapping, output conversion, and the error when vLLM is absent; the config key
+rollout.backend=vllm through make_rollout, load_weights and sample (and its errors at load)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from rlp_engine.engine import vllm_backend
+from rlp_engine import cli
+from rlp_engine.config import ConfigError, load_config
+from rlp_engine.engine import reshard, vllm_backend
 from rlp_engine.engine.generator import SamplingConfig
+from rlp_engine.engine.rollout import VLLMRollout, make_rollout
 
 
 @dataclass
@@ -188,3 +192,94 @@ def test_clear_error_without_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
     with pytest.raises(ImportError, match="needs vLLM"):
         vllm_backend.VLLMEngine("m")
+
+
+# ---------------------------------------------------------------- rollout.backend=vllm
+
+
+def _saved_policy(tmp_path):
+    """A tiny policy saved as a Hugging Face directory (vLLM builds its model from one)."""
+    from rlp_engine.models.loading import tiny_llama, train_byte_tokenizer
+
+    cfg = load_config(None, [], preset="tiny")
+    tok = train_byte_tokenizer(["1+2=3", "4+5=9"])
+    torch.manual_seed(0)
+    tiny_llama(cfg.model, tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def test_config_selects_vllm_and_the_rollout_loads_and_samples(fake_vllm, tmp_path):
+    from rlp_engine.models.loading import load_policy, load_tokenizer
+
+    cfg = load_config(None, ["rollout.backend=vllm", f"model.path={_saved_policy(tmp_path)}"], preset="tiny")
+    assert cfg.rollout.backend == "vllm" and load_config(None, []).rollout.backend == "builtin"
+    tok = load_tokenizer(cfg.model)
+    policy = load_policy(cfg.model, tok)
+    rollout = make_rollout(cfg.rollout.backend, policy, tok, cfg.data, seed=7)
+    assert isinstance(rollout, VLLMRollout) and rollout.model is None
+    kw = rollout.engine.llm.kwargs
+    assert kw["model"] == cfg.model.path and kw["load_format"] == "dummy" and kw["seed"] == 7
+    assert kw["dtype"] == "float32" and kw["max_model_len"] == 64 + 8
+    assert rollout.engine.llm.calls[1:] == [("sleep", 1)]  # asleep until the first weights
+
+    record = rollout.load_weights(reshard.iter_full_params(policy), bucket_mb=0.01)
+    loaded = rollout.engine.llm.model.weights
+    assert record.buckets == sum(c[0] == "load_weights" for c in rollout.engine.llm.calls) > 1
+    assert list(loaded) == [n for n, _ in policy.named_parameters()]
+    assert all(torch.equal(loaded[n], p) for n, p in policy.named_parameters())
+
+    rng = torch.get_rng_state()
+    samples = rollout.sample(["1+2=", "4+5="], cfg.ppo, n=2)
+    assert torch.equal(torch.get_rng_state(), rng)  # vLLM samples with its own seeded RNG
+    ids = tok(["1+2=", "4+5="], add_special_tokens=False)["input_ids"]
+    # the fake answers token k+1 after token k, 8 tokens (data.max_response_tokens), no eos
+    want = [[row[-1] + 1 + i for i in range(8)] for row in ids for _ in range(2)]
+    assert samples.batch.input_ids[:, -8:].tolist() == want
+    assert samples.batch.response_mask.tolist() == [[1.0] * 8] * 4 and samples.truncated.all()
+    assert samples.logprobs.tolist() == [[-0.5] * 8] * 4
+    assert samples.prompts == ["1+2=", "1+2=", "4+5=", "4+5="]
+    assert samples.responses[0] == tok.decode(want[0], skip_special_tokens=True)
+    rollout.sample(["1+2="], cfg.ppo)  # asleep after the first rollout: woken for the second
+    tail = [c if c[0] != "generate" else c[:2] for c in rollout.engine.llm.calls[-7:]]
+    assert tail == [
+        ("wake_up", ("kv_cache",)),
+        ("reset_prefix_cache",),
+        ("generate", 4),
+        ("sleep", 1),
+        ("wake_up", ("weights", "kv_cache")),
+        ("generate", 1),
+        ("sleep", 1),
+    ]
+
+
+def test_vllm_backend_without_vllm_or_model_path_is_a_config_error(fake_vllm, tmp_path, monkeypatch, capsys):
+    with pytest.raises(ConfigError, match="rollout.backend: 'vllm' builds the policy from its Hugging Face"):
+        load_config(None, ["rollout.backend=vllm"], preset="tiny")  # model.path unset
+    with pytest.raises(ConfigError, match="rollout.backend: 'hf' is not one of \\('builtin', 'vllm'\\)"):
+        load_config(None, ["rollout.backend=hf"])
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "tiny", "rollout.backend=vllm", "model.path=x", f"run.output_dir={out}"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "rlp-engine: config error: rollout.backend: 'vllm' but vLLM is not installed; "
+        "pip install 'rlp-engine[vllm]' (CUDA, its own torch pin) or use rollout.backend=builtin"
+    )
+    assert not out.exists()
+
+
+def test_make_rollout_vllm_needs_a_model_directory(fake_vllm):
+    cfg = load_config(None, [], preset="tiny")
+    with pytest.raises(ValueError, match="has none \\(set model.path, or pass model_path\\)"):
+        make_rollout("vllm", _policy_lm(), None, cfg.data)
+    rollout = make_rollout("vllm", _policy_lm(), None, cfg.data, model_path="some/dir", dtype="bfloat16")
+    kw = rollout.engine.llm.kwargs
+    assert kw["model"] == "some/dir" and kw["dtype"] == "bfloat16"
+
+
+def _policy_lm():
+    from tiny import tiny_llama
+
+    return tiny_llama(0, vocab_size=64, hidden_size=16, intermediate_size=32)

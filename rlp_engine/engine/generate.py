@@ -1,10 +1,13 @@
 """Batched sampling from a causal LM: temperature, top-k, top-p, stop at eos. Returns the tokens as a
 SeqBatch, the sampled tokens' log-probs, and the decoded texts.
 
-Rollouts run on the built-in static-KV-cache generator (rlp_engine.engine.generator); one Generator
-(and its cache) is kept per model and reused while the batch fits. The log-probs are the generator's
-"scaled" ones: log_softmax(logits / temperature)[token] before top-k/top-p filtering, i.e. the
-quantity a trainer recomputes by teacher forcing (`response_logprobs(..., temperature=T)`).
+Rollouts run on the built-in static-KV-cache generator (rlp_engine.engine.generator). A call builds
+its own Generator unless the caller passes a GeneratorCache (kept by whoever owns the model, e.g. the
+built-in rollout of rlp_engine.engine.rollout), which reuses one Generator and its KV buffers across
+calls. `sample_with` is the same sampling over any generate function (the vLLM rollout).
+The log-probs are the generator's "scaled" ones: log_softmax(logits / temperature)[token] before
+top-k/top-p filtering, i.e. the quantity a trainer recomputes by teacher forcing
+(`response_logprobs(..., temperature=T)`).
 PPO does not train on them: it recomputes its old log-probs with the actor in the scoring phase
 (so the first ratio is exactly 1 whatever the generator's numerics) and logs the mean absolute
 gap to these as `gen_logprob_gap` (the size a truncated-IS correction would have to absorb)."""
@@ -16,18 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from rlp_engine.data.batch import SeqBatch, encode_prompts, join, pad_left
-from rlp_engine.engine.generator import Generator, SamplingConfig
-
-
-class _GeneratorSlot:
-    """Holds a model's Generator on the model itself (so it lives and dies with the model); a
-    deepcopy of the model (PPO's actor, reference) starts with an empty slot, not a copied cache."""
-
-    def __init__(self, gen: Generator | None = None):
-        self.gen = gen
-
-    def __deepcopy__(self, memo):
-        return _GeneratorSlot()
+from rlp_engine.engine.generator import GenerationOutput, Generator, SamplingConfig
 
 
 @dataclass
@@ -47,19 +39,27 @@ def response_mask_from_eos(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (before == 0).float()
 
 
-def generator_for(model, max_len: int) -> Generator:
-    """The cached Generator of `model`, rebuilt when a longer max_len is needed."""
-    slot = model.__dict__.get("_rlp_generator")
-    if slot is None or slot.gen is None or slot.gen.max_len < max_len:
-        slot = _GeneratorSlot(Generator(model, max_len))
-        model.__dict__["_rlp_generator"] = slot  # a plain attribute: not a submodule, not in state_dict
-    return slot.gen
+class GeneratorCache:
+    """One model's Generator, kept between sample() calls by the caller that owns the model (its KV
+    buffers, its rotary table and on CUDA its compiled decode step are reused); rebuilt when a call
+    needs a longer max_len. Nothing is stored on the model."""
+
+    def __init__(self, model):
+        self.model = model
+        self.generator: Generator | None = None
+
+    def get(self, max_len: int) -> Generator:
+        if self.generator is None or self.generator.max_len < max_len:
+            self.generator = Generator(self.model, max_len)
+        return self.generator
+
+    def generate(self, ids, mask, sampling: SamplingConfig, max_len: int) -> GenerationOutput:
+        return self.get(max_len).generate(ids, mask, sampling)
 
 
-@torch.no_grad()
-def _sample_chunk(model, tokenizer, prompt_ids: list[list[int]], cfg, max_new_tokens: int, max_len: int):
-    ids, mask = pad_left(prompt_ids, tokenizer.pad_token_id)
-    sampling = SamplingConfig(
+def sampling_config(cfg, tokenizer, max_new_tokens: int) -> SamplingConfig:
+    """cfg's temperature / top-k / top-p with the tokenizer's eos and pad, "scaled" log-probs."""
+    return SamplingConfig(
         max_new_tokens=max_new_tokens,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
@@ -68,9 +68,6 @@ def _sample_chunk(model, tokenizer, prompt_ids: list[list[int]], cfg, max_new_to
         pad_token_id=tokenizer.pad_token_id,
         logprobs_mode="scaled",
     )
-    out = generator_for(model, max_len).generate(ids, mask, sampling)
-    # the generator already pads after the first eos and zeroes log-probs off the mask
-    return join(ids.to(out.tokens.device), mask.to(out.tokens.device), out.tokens, out.mask), out.logprobs
 
 
 def sample(
@@ -82,23 +79,45 @@ def sample(
     *,
     n: int = 1,
     batch_size: int = 256,
+    cache: GeneratorCache | None = None,
 ) -> Samples:
-    """`n` responses for each prompt (rows ordered prompt-major: prompt i's samples at i*n .. i*n+n-1).
+    """`n` responses for each prompt (rows ordered prompt-major: prompt i's samples at i*n .. i*n+n-1)
+    from the built-in generator over `model` (in eval mode for the call, its mode restored after).
 
     cfg: anything with temperature, top_k, top_p (PPOConfig, SampleConfig, EvalConfig).
     data_cfg: DataConfig (max_prompt_tokens, max_response_tokens, chat_template).
+    cache: a GeneratorCache of `model` to reuse across calls; None builds a Generator for this call.
     """
+    if cache is None:
+        cache = GeneratorCache(model)
+    elif cache.model is not model:
+        raise ValueError("sample: cache belongs to another model (pass the model's own GeneratorCache)")
     was_training = model.training
     model.eval()
+    try:
+        return sample_with(cache.generate, tokenizer, prompts, cfg, data_cfg, n=n, batch_size=batch_size)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def sample_with(
+    generate, tokenizer, prompts: list[str], cfg, data_cfg, *, n: int = 1, batch_size: int = 256
+) -> Samples:
+    """As `sample`, through generate(ids, mask, sampling, max_len) -> GenerationOutput: (B, P)
+    left-padded prompt chunks of at most batch_size rows; max_len = longest prompt + response."""
     expanded = [p for p in prompts for _ in range(n)]
     encoded = encode_prompts(tokenizer, expanded, data_cfg.max_prompt_tokens, data_cfg.chat_template)
     max_new = data_cfg.max_response_tokens
     max_len = max(map(len, encoded)) + max_new if encoded else max_new + 1
-    chunks = [
-        _sample_chunk(model, tokenizer, encoded[i : i + batch_size], cfg, max_new, max_len)
-        for i in range(0, len(encoded), batch_size)
-    ]
-    model.train(was_training)
+    sampling = sampling_config(cfg, tokenizer, max_new)
+    chunks = []
+    for i in range(0, len(encoded), batch_size):
+        ids, mask = pad_left(encoded[i : i + batch_size], tokenizer.pad_token_id)
+        out = generate(ids, mask, sampling, max_len)
+        # the generator already pads after the first eos and zeroes log-probs off the mask
+        dev = out.tokens.device
+        chunks.append((join(ids.to(dev), mask.to(dev), out.tokens, out.mask), out.logprobs))
     batch, logprobs = _concat(chunks, tokenizer.pad_token_id)
     r = batch.response_len
     eos = tokenizer.eos_token_id

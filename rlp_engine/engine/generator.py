@@ -422,35 +422,6 @@ def generate(model, input_ids, attention_mask=None, generator=None, **kwargs) ->
     return Generator(model, plen + cfg.max_new_tokens).generate(input_ids, attention_mask, cfg, generator)
 
 
-def truncated_is_weights(
-    trainer_logprob: torch.Tensor, generator_logprob: torch.Tensor, mask: torch.Tensor, cap: float = 2.0
-) -> torch.Tensor:
-    """Truncated importance-sampling weights min(exp(lp_train - lp_gen), cap) per token, 0 off-mask.
-
-    trainer_logprob, generator_logprob: (B, T) float; mask: (B, T). Returns (B, T) fp32 with no grad,
-    to pass as `is_weights` to rlp_engine.ops.ppo_policy_loss."""
-    for name, x in (
-        ("trainer_logprob", trainer_logprob),
-        ("generator_logprob", generator_logprob),
-        ("mask", mask),
-    ):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"truncated_is_weights: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if generator_logprob.shape != trainer_logprob.shape or mask.shape != trainer_logprob.shape:
-        raise ValueError(
-            f"truncated_is_weights: shapes differ: trainer_logprob {tuple(trainer_logprob.shape)}, "
-            f"generator_logprob {tuple(generator_logprob.shape)}, mask {tuple(mask.shape)}"
-        )
-    if not cap > 0:
-        raise ValueError(f"truncated_is_weights: cap must be > 0, got {cap!r}")
-    with torch.no_grad():
-        keep = mask.bool()
-        # masked positions may hold anything (NaN, inf): zero the difference there before exp
-        diff = torch.where(keep, trainer_logprob.float() - generator_logprob.float(), 0.0)
-        w = torch.exp(diff.clamp(max=20.0)).clamp(max=cap)
-        return torch.where(keep, w, 0.0)
-
-
 def pad_prompts(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token-id lists to (B, P) input_ids and attention_mask (int64)."""
     ids, mask = _left_padded([list(s) for s in seqs], None)

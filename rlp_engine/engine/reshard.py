@@ -7,8 +7,9 @@ the one parameter being gathered exist beside the two models' own weights: never
 copy of the model. Every rank gathers the same parameters in the same order (the gathers are
 collectives), so call `sync_weights` on all ranks.
 
-Generation layouts: "dp" (full weights on every rank) and "tp" (this rank keeps its slice of each
-weight: rows for column-parallel layers, columns for row-parallel ones, from the destination shape).
+Every rank receives full weights: the built-in generator is data-parallel (a whole model per rank),
+and vLLM's model loaders shard full Hugging Face-named tensors for tensor parallelism themselves
+(rlp_engine.engine.vllm_backend), so no slicing happens here.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def iter_buckets(
 
 
 def sync_weights(
-    src: nn.Module,
+    src: nn.Module | None,
     sink: Callable[[Bucket], None],
     bucket_mb: float = 256.0,
     name_map=None,
@@ -132,8 +133,8 @@ def sync_weights(
     """Stream src's full parameters in buckets of bucket_mb MB into sink(bucket); returns the record.
 
     name_map renames (or skips, with None) source names for the destination (see make_name_map).
-    named_tensors replaces the FSDP2/plain gather of src (e.g. a ZeRO-3 gather; src is then unused).
-    Must run on every rank when src is sharded (each gather is a collective)."""
+    named_tensors replaces the FSDP2/plain gather of src (e.g. a ZeRO-3 gather; src is then unused
+    and may be None). Must run on every rank when src is sharded (each gather is a collective)."""
     if not bucket_mb > 0:
         raise ValueError(f"sync_weights: bucket_mb must be > 0, got {bucket_mb!r}")
     rename = make_name_map(name_map)
@@ -162,45 +163,15 @@ def sync_weights(
     return record
 
 
-def tp_slice(src: torch.Tensor, dst_shape: torch.Size, tp_rank: int, tp_size: int, dim: int | None = None):
-    """This rank's slice of a full tensor for a destination of shape dst_shape: the whole tensor when
-    shapes match, else an even split along `dim` (inferred: the one dim that is tp_size times larger)."""
-    if src.shape == dst_shape and dim is None:
-        return src
-    if dim is None:
-        same_rank = src.dim() == len(dst_shape)
-        dims = [
-            d
-            for d in range(src.dim())
-            if same_rank
-            and src.shape[d] == dst_shape[d] * tp_size
-            and all(src.shape[e] == dst_shape[e] for e in range(src.dim()) if e != d)
-        ]
-        if len(dims) != 1:
-            raise ValueError(
-                f"sync_weights: cannot place a {tuple(src.shape)} tensor into {tuple(dst_shape)} "
-                f"with tp_size {tp_size}"
-            )
-        dim = dims[0]
-    size = src.shape[dim] // tp_size
-    return src.narrow(dim, tp_rank * size, size)
-
-
 class ModuleSink:
-    """Copies buckets into an nn.Module's parameters (and buffers) by name, in place.
+    """Copies buckets into an nn.Module's parameters (and buffers) by name, in place."""
 
-    tp_size > 1: each destination holds this rank's slice (see tp_slice); tp_plan maps a name to
-    its split dim when the shape alone is ambiguous."""
-
-    def __init__(self, module: nn.Module, tp_rank: int = 0, tp_size: int = 1, tp_plan: dict | None = None):
-        if not 0 <= tp_rank < tp_size:
-            raise ValueError(f"ModuleSink: tp_rank {tp_rank} outside tp_size {tp_size}")
+    def __init__(self, module: nn.Module):
         # remove_duplicate=False: tied weights are reachable under every name they have
         self.targets = dict(module.named_parameters(remove_duplicate=False))
         self.targets.update(module.named_buffers(remove_duplicate=False))
         self.params = {id(p) for p in module.parameters()}
         self.written: set[int] = set()
-        self.tp_rank, self.tp_size, self.tp_plan = tp_rank, tp_size, tp_plan or {}
 
     def __call__(self, bucket: Bucket) -> None:
         with torch.no_grad():
@@ -210,14 +181,11 @@ class ModuleSink:
                     raise KeyError(
                         f"sync_weights: destination has no parameter named {name!r} (pass a name_map)"
                     )
-                part = t
-                if self.tp_size > 1 or name in self.tp_plan:
-                    part = tp_slice(t, dst.shape, self.tp_rank, self.tp_size, self.tp_plan.get(name))
-                if part.shape != dst.shape:
+                if t.shape != dst.shape:
                     raise ValueError(
                         f"sync_weights: {name!r} has shape {tuple(t.shape)}, destination {tuple(dst.shape)}"
                     )
-                dst.copy_(part)
+                dst.copy_(t)
                 self.written.add(id(dst))
 
     def check_complete(self) -> None:
@@ -227,18 +195,18 @@ class ModuleSink:
             raise RuntimeError(f"sync_weights: destination parameters not written: {missing[:8]}")
 
 
-def sync_to_module(
-    src: nn.Module,
-    dst: nn.Module,
-    bucket_mb: float = 256.0,
-    name_map=None,
-    tp_rank: int = 0,
-    tp_size: int = 1,
-    tp_plan: dict | None = None,
-) -> SwitchRecord:
+def sync_to_module(src: nn.Module, dst: nn.Module, bucket_mb: float = 256.0, name_map=None) -> SwitchRecord:
     """Training model -> generation module (built-in generator), checking every parameter arrived."""
-    sink = ModuleSink(dst, tp_rank, tp_size, tp_plan)
+    return load_into_module(iter_full_params(src), dst, bucket_mb, name_map)
+
+
+def load_into_module(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], dst: nn.Module, bucket_mb: float = 256.0, name_map=None
+) -> SwitchRecord:
+    """(name, full tensor) pairs -> the same-named parameters of `dst`, in buckets on dst's device,
+    checking every parameter arrived (the built-in rollout's load_weights)."""
+    sink = ModuleSink(dst)
     device = next(dst.parameters()).device
-    record = sync_weights(src, sink, bucket_mb, name_map, device=device)
+    record = sync_weights(None, sink, bucket_mb, name_map, device=device, named_tensors=named_tensors)
     sink.check_complete()
     return record

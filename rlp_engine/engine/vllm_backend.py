@@ -1,17 +1,22 @@
-"""vLLM generation backend for the colocated engine (used when vLLM is installed; imported lazily).
+"""vLLM generation backend for the colocated engine (`rollout.backend=vllm`; imported lazily).
 
 One vLLM engine per rank, in the same process as the trainer (`distributed_executor_backend=
-"external_launcher"` under torchrun), created with dummy weights and sleep mode. Per iteration:
+"external_launcher"` under torchrun), created with dummy weights and sleep mode. Per iteration
+(rlp_engine.engine.rollout.VLLMRollout does this):
 
-    engine.sync_weights(actor)   # wake_up(weights) -> load_weights bucket by bucket
-                                 # -> wake_up(kv_cache) -> reset_prefix_cache()
+    engine.load_weights(named_full_tensors)  # wake_up(weights) -> load_weights bucket by bucket
+                                             # -> wake_up(kv_cache) -> reset_prefix_cache()
     out = engine.generate(prompt_ids, prompt_mask, cfg)
     engine.sleep()               # level 1: weights to host, KV cache dropped, memory to training
 
+Tensor parallelism: every rank sends full tensors under their Hugging Face names; vLLM's model
+loaders fuse (qkv, gate_up) and slice them for this rank themselves.
+
 Log-probs: vLLM returns the sampled token's log-prob (`logprobs=0`); `logprobs_mode="processed"`
-(default) asks for the distribution after temperature/top-k/top-p ("processed_logprobs"), "raw"
-for the model's unscaled one. Differences from the trainer's recomputation are what
-`generator.truncated_is_weights` corrects.
+(default) asks for the distribution after temperature/top-k/top-p ("processed_logprobs"; with
+top-k and top-p off it is the built-in generator's "scaled" one), "raw" for the model's unscaled
+one. Differences from the trainer's recomputation are what PPO's truncated IS weights
+(`ppo.tis_cap`) correct.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -97,7 +103,7 @@ class VLLMEngine:
         self.vllm = import_vllm()
         kwargs = dict(
             model=model,
-            load_format="dummy",  # real weights arrive from the trainer with sync_weights
+            load_format="dummy",  # real weights arrive from the trainer with load_weights
             enable_sleep_mode=True,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
@@ -142,12 +148,21 @@ class VLLMEngine:
         self.llm.collective_rpc(_load_weights_on_worker, args=(list(bucket),))
 
     def sync_weights(self, src: nn.Module, bucket_mb: float = 256.0, name_map=None) -> reshard.SwitchRecord:
-        """Training weights -> vLLM, bucket by bucket: weights woken first, KV cache only after the
-        load (peak memory = weights + one bucket), prefix cache reset (old KV is for old weights)."""
+        """load_weights of src's full parameters (gathered one at a time when sharded)."""
+        return self.load_weights(reshard.iter_full_params(src), bucket_mb, name_map)
+
+    def load_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_mb: float = 256.0, name_map=None
+    ) -> reshard.SwitchRecord:
+        """(name, full tensor) pairs -> vLLM, bucket by bucket: weights woken first, KV cache only
+        after the load (peak memory = weights + one bucket), prefix cache reset (old KV is for old
+        weights)."""
         t0 = time.perf_counter()
         self._wake(["weights"])
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        record = reshard.sync_weights(src, self.load_bucket, bucket_mb, name_map, device=device)
+        record = reshard.sync_weights(
+            None, self.load_bucket, bucket_mb, name_map, device=device, named_tensors=named_tensors
+        )
         self._wake(["kv_cache"])
         self.llm.reset_prefix_cache()
         self.asleep = False
@@ -165,7 +180,7 @@ class VLLMEngine:
         """Same contract as generator.Generator.generate: (B, N) tokens, log-probs, response mask."""
         if self.asleep:
             raise RuntimeError(
-                "VLLMEngine.generate: the engine is asleep; call sync_weights or wake_up first"
+                "VLLMEngine.generate: the engine is asleep; call load_weights or wake_up first"
             )
         cfg = cfg if cfg is not None else SamplingConfig(**kwargs)
         prompts = [{"prompt_token_ids": ids} for ids in _prompt_lists(input_ids, attention_mask)]
