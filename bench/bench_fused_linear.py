@@ -17,6 +17,10 @@ Predicted: forward at 60-70% of the cuBLAS rate, fwd+bwd at 55-65% (4 GEMMs' wor
 Liger-Kernel (LigerFusedLinearCrossEntropyLoss, reduction="none": logprob = -loss) and verl's chunked
 torch FusedLinearForPPO run when importable; otherwise a note is printed.
 Usage: cd bench && python bench_fused_linear.py [--device cuda] [--n N --hidden H --vocab V]
+       [--dtype bf16|fp32] [--threads N] [--no-csv | --csv PATH]
+       [--fp32-precision tf32|ieee|tf32x3]
+--dtype fp32 on GPU times the tf32 dot path for fp32 models (kernels/fused_linear_logprobs.py
+FP32_PRECISION); --fp32-precision ieee times the old IEEE FFMA path: tf32 predicted 3-5x ieee there.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from common import (  # noqa: E402
     time_stats,
 )
 
+from rlp_engine.kernels import fused_linear_logprobs as K  # noqa: E402
 from rlp_engine.ops import fused_linear_logprobs, fused_linear_ppo_loss, ppo_policy_loss  # noqa: E402
 
 
@@ -96,9 +101,11 @@ def fused_ppo(h, w, y, old, adv, mask):
 
 
 def run(args):
-    device, dtype = args.device, torch.bfloat16 if args.device == "cuda" else torch.float32
+    device, dtype = args.device, {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     n, hd, v = args.n, args.hidden, args.vocab
     shape = f"N={n} H={hd} V={v} {str(dtype).split('.')[-1]}"
+    if device == "cuda" and dtype == torch.float32:
+        shape += f" {K.FP32_PRECISION} dots"  # the Triton variants' precision
     h = torch.randn(n, hd, device=device, dtype=dtype)
     w = (torch.randn(v, hd, device=device) * hd**-0.5).to(dtype)
     y = torch.randint(0, v, (n,), device=device)
@@ -158,11 +165,18 @@ def main():
     parser.add_argument("--n", type=int)
     parser.add_argument("--hidden", type=int)
     parser.add_argument("--vocab", type=int)
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument(
+        "--fp32-precision", choices=("tf32", "ieee", "tf32x3"), help="the Triton dots' fp32 precision (GPU)"
+    )
     add_threads_arg(parser)
     add_csv_args(parser)
     args = parser.parse_args()
     set_threads(args)
     gpu = args.device == "cuda"
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    if args.fp32_precision:
+        K.FP32_PRECISION = args.fp32_precision
     args.n = args.n or (16384 if gpu else 4096)
     args.hidden = args.hidden or (4096 if gpu else 512)
     args.vocab = args.vocab or (131072 if gpu else 32000)
