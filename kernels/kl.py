@@ -12,18 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
-BASE_KINDS = ("k1", "abs", "k2", "k3", "k1_nonneg")
-_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
-KL_KINDS = tuple(
-    k + s for s in ("", "+") for k in ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k1_nonneg")
-)
+from rlp_engine.op_names import KL_ALIASES
+from rlp_engine.op_names import KL_BASE_KINDS as BASE_KINDS
 
 
 def parse_kind(kind: str) -> tuple[int, bool]:
     """(base-kind code into BASE_KINDS, straight-through flag). k2+ is k2: its gradient already is k2's."""
     plus = kind.endswith("+")
     base = kind.rstrip("+")
-    code = BASE_KINDS.index(_ALIASES.get(base, base))
+    code = BASE_KINDS.index(KL_ALIASES.get(base, base))
     return code, plus and code != 2
 
 
@@ -32,26 +29,55 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _k3_parts(r: torch.Tensor):
+    """k = clamp(-r, -20, 20), exp(k) and the unclamped estimate exp(k) - k - 1 (k3 = its clamp)."""
+    k = torch.clamp(-r, min=-20, max=20)
+    ek = torch.exp(k)
+    return k, ek, ek - k - 1
+
+
+def kl_value(r: torch.Tensor, kind: str) -> torch.Tensor:
+    """The estimator's value at r = logprob - ref_logprob (a "+" suffix does not change it), as a
+    differentiable torch expression: kl_penalty_ref and the fused-linear PPO loss both evaluate this."""
+    base = BASE_KINDS[parse_kind(kind)[0]]
+    if base == "k1":
+        return r
+    if base == "abs":
+        return r.abs()
+    if base == "k2":
+        return 0.5 * r.square()
+    if base == "k3":
+        return torch.clamp(_k3_parts(r)[2], min=-10, max=10)
+    return torch.clamp(r, min=0)
+
+
+def kl_value_grad(r: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kl_value(r, kind), its derivative in r) without autograd, for fused passes that form gradients
+    themselves. The derivative follows torch autograd's conventions (clamp passes the gradient on its
+    closed interval, abs has sign(r)), so it equals the gradient of kl_penalty_ref; "+" kinds: r."""
+    code, plus = parse_kind(kind)
+    base = BASE_KINDS[code]
+    value = kl_value(r, kind)
+    if plus or base == "k2":
+        return value, r
+    if base == "k1":
+        return value, torch.ones_like(r)
+    if base == "abs":
+        return value, r.sign()
+    if base == "k1_nonneg":
+        return value, (r >= 0).to(r.dtype)
+    _, ek, raw = _k3_parts(r)
+    return value, -(ek - 1.0) * ((r.abs() <= 20.0) & (raw <= 10.0) & (raw >= -10.0))
+
+
 def kl_penalty_ref(logprob: torch.Tensor, ref_logprob: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Plain torch autograd composite as verl writes it, in fp32 (fp64 for fp64 inputs). Any shape."""
     dt = compute_dtype(logprob, ref_logprob)
-    lp, ref = logprob.to(dt), ref_logprob.to(dt)
-    code, plus = parse_kind(kind)
-    base = BASE_KINDS[code]
-    if base == "k1":
-        value = lp - ref
-    elif base == "abs":
-        value = (lp - ref).abs()
-    elif base == "k2":
-        value = 0.5 * (lp - ref).square()
-    elif base == "k3":
-        k = torch.clamp(ref - lp, min=-20, max=20)
-        value = torch.clamp(torch.exp(k) - k - 1, min=-10, max=10)
-    else:
-        value = torch.clamp(lp - ref, min=0)
-    if not plus:
+    r = logprob.to(dt) - ref_logprob.to(dt)
+    value = kl_value(r, kind)
+    if not parse_kind(kind)[1]:
         return value
-    k2 = 0.5 * (lp - ref).square()
+    k2 = 0.5 * r.square()
     return k2 - k2.detach() + value.detach()
 
 

@@ -10,6 +10,8 @@ for the composite: clamp passes the gradient on its closed interval, max/min spl
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -17,6 +19,34 @@ import triton.language as tl
 
 def _mean(x: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, x.to(count.dtype), 0).sum() / (count + 1e-8)
+
+
+class Surrogate(NamedTuple):
+    """verl's vanilla per-token PPO pieces (see clipped_surrogate)."""
+
+    nk: torch.Tensor  # clamp(lp - old, -20, 20): the log-ratio; approx_kl averages -nk
+    ratio: torch.Tensor  # exp(nk)
+    pg1: torch.Tensor  # -adv * ratio
+    pg2: torch.Tensor  # -adv * clamp(ratio, 1 - clip_low, 1 + clip_high); clipfrac counts pg2 > pg1
+    c1: torch.Tensor  # max(pg1, pg2)
+    loss: torch.Tensor  # c1, or with dual clip where(adv < 0, min(-adv * dual_clip, c1), c1)
+    lower: torch.Tensor | None  # dual clip only: (c1 > -adv * dual_clip) & (adv < 0), clipfrac_lower
+
+
+def clipped_surrogate(lp, old, adv, clip_low, clip_high, dual_clip) -> Surrogate:
+    """The per-token clipped surrogate as one differentiable torch expression (same shapes, one
+    dtype): ppo_policy_loss_ref differentiates it by autograd, the fused-linear PPO loss pairs it
+    with its derivative written out (rlp_engine/ops/fused_linear.py)."""
+    nk = torch.clamp(lp - old, min=-20.0, max=20.0)
+    ratio = torch.exp(nk)
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    c1 = torch.maximum(pg1, pg2)
+    if dual_clip is None:
+        return Surrogate(nk, ratio, pg1, pg2, c1, c1, None)
+    pg3 = -adv * dual_clip
+    loss = torch.where(adv < 0, torch.min(pg3, c1), c1)
+    return Surrogate(nk, ratio, pg1, pg2, c1, loss, (c1 > pg3) & (adv < 0))
 
 
 def ppo_policy_loss_ref(
@@ -39,20 +69,14 @@ def ppo_policy_loss_ref(
     lp = torch.where(valid, logprob.to(dt), 0)
     # old log-probs, advantages and IS weights are constants (no gradient), as in every PPO implementation
     old, adv = (torch.where(valid, t.detach().to(dt), 0) for t in (old_logprob, advantages))
-    nk = torch.clamp(lp - old, min=-20.0, max=20.0)
-    ratio = torch.exp(nk)
-    pg1 = -adv * ratio
-    pg2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    c1 = torch.maximum(pg1, pg2)
+    s = clipped_surrogate(lp, old, adv, clip_low, clip_high, dual_clip)
     count = valid.to(dt).sum()
-    metrics = {"clipfrac": _mean(pg2 > pg1, valid, count), "approx_kl": _mean(-nk, valid, count)}
-    if dual_clip is None:
-        losses = c1
+    metrics = {"clipfrac": _mean(s.pg2 > s.pg1, valid, count), "approx_kl": _mean(-s.nk, valid, count)}
+    if s.lower is None:
         metrics["clipfrac_lower"] = torch.zeros((), dtype=dt, device=lp.device)
     else:
-        pg3 = -adv * dual_clip
-        losses = torch.where(adv < 0, torch.min(pg3, c1), c1)
-        metrics["clipfrac_lower"] = _mean((c1 > pg3) & (adv < 0), valid, count)
+        metrics["clipfrac_lower"] = _mean(s.lower, valid, count)
+    losses = s.loss
     if is_weights is not None:
         losses = losses * torch.where(valid, is_weights.detach().to(dt), 0)
     loss = (torch.where(valid, losses, 0) * weights).sum()

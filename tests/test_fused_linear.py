@@ -399,15 +399,17 @@ def test_ppo_loss_no_grad_and_2d_hidden():
     assert_close(loss_ng, loss, 1e-6, "no-grad loss")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("agg", AGG_MODES)
-@pytest.mark.parametrize("kind", KL_KINDS)
+# float64: every KL kind the op accepts x every agg mode; float32: the kinds once, at token-mean
+COMPOSITION_CASES = [(k, a, torch.float64) for k in KL_KINDS for a in AGG_MODES] + [
+    (k, "token-mean", torch.float32) for k in KL_KINDS
+]
+
+
+@pytest.mark.parametrize("kind,agg,dtype", COMPOSITION_CASES)
 def test_ppo_matches_real_composition(kind, agg, dtype):
     """The fused loss's terms are the unfused ops' on the same log-probs: fused_linear_logprobs ->
     ppo_policy_loss + kl_coef * agg(kl_penalty) - entropy_coef * agg(entropy), loss, gradients and
-    all five metrics, for every KL kind the op accepts and every agg mode."""
-    if dtype == torch.float32 and (kind.endswith("+") or agg != "token-mean"):
-        pytest.skip("float32: one kind sweep at token-mean is enough; float64 covers the product")
+    all five metrics."""
     case = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in ppo_case()]
     hidden, weight, bias, labels, old, adv, ref, mask = case
     cfg = {**BASE, "dual_clip": 3.0, "kl_coef": 0.1, "kl_kind": kind, "entropy_coef": 0.01, "agg": agg}
@@ -426,7 +428,9 @@ def test_ppo_matches_real_composition(kind, agg, dtype):
     total = pg + cfg["kl_coef"] * agg_loss(kl, mask, agg) - cfg["entropy_coef"] * agg_loss(ent, mask, agg)
     want = (total, *torch.autograd.grad(total, leaves))
     want_metrics.update(kl=masked_mean(kl, mask), entropy=masked_mean(ent, mask))
-    tol = TOL[dtype]
+    # agg_loss normalises and sums in fp32 whatever the input dtype, and metrics are fp32: in float64
+    # these agree to fp32 rounding (a wrong formula is off by far more)
+    tol = TOL[dtype] if dtype == torch.float32 else 1e-7
     for what, g, w in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, want):
         assert_close(g, w, tol, what)
     assert set(metrics) == set(want_metrics)

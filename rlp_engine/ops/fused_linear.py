@@ -16,10 +16,15 @@ import numbers
 import torch
 
 from rlp_engine.kernels import fused_linear_logprobs as K
-from rlp_engine.ops._backend import select
+from rlp_engine.kernels.kl import kl_value_grad
+from rlp_engine.kernels.ppo_loss import clipped_surrogate
+from rlp_engine.op_names import AGG_MODES, KL_KINDS
+from rlp_engine.ops._backend import backend, select
 from rlp_engine.ops._checks import check_choice, check_mask, check_same_shape, check_tensor
+from rlp_engine.ops.kl import kl_penalty
 from rlp_engine.ops.logprobs import check_label_range
-from rlp_engine.ops.reduce import AGG_MODES, agg_weights, masked_mean
+from rlp_engine.ops.ppo import ppo_policy_loss
+from rlp_engine.ops.reduce import masked_mean, row_scale
 
 SUPPORTED = ("torch", "cpp", "triton")
 _CHUNKED = (K.chunked_forward, K.chunked_backward, K.chunked_fused_pass)
@@ -31,8 +36,6 @@ _IMPLS = {
     "triton": (K.triton_forward, K.triton_backward, K.triton_fused_pass),
 }
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_BASE_KL = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k1_nonneg")
-KL_KINDS = _BASE_KL + tuple(k + "+" for k in _BASE_KL)
 
 
 def _check_lm_head(op, hidden, weight, labels, bias, temperature) -> None:
@@ -158,55 +161,32 @@ class _PPO:
     entropy_coef: float
 
 
-def _kl_value_grad(r, kind):
-    """KL estimator of r = lp - ref and its derivative in r (DESIGN "KL estimators")."""
-    base = kind.rstrip("+")
-    if base in ("k1", "kl"):
-        val, d = r, torch.ones_like(r)
-    elif base == "abs":
-        val, d = r.abs(), r.sign()
-    elif base in ("k2", "mse"):
-        val, d = 0.5 * r * r, r
-    elif base == "k1_nonneg":
-        val, d = r.clamp(min=0.0), (r >= 0).to(r.dtype)
-    else:  # k3 / low_var_kl; clamp passes the gradient on its closed interval, as torch.clamp
-        k = (-r).clamp(-20.0, 20.0)
-        raw = torch.exp(k) - k - 1.0
-        val = raw.clamp(-10.0, 10.0)
-        d = -(torch.exp(k) - 1.0) * ((r.abs() <= 20.0) & (raw <= 10.0) & (raw >= -10.0))
-    if kind.endswith("+"):  # straight-through: the estimator's value, k2's gradient
-        d = r
-    return val, d
-
-
 def _max_grad(a, b, da, db):
     """d max(a, b) as torch.maximum's backward: the gradient is shared equally on ties."""
     return torch.where(a > b, da, torch.where(a < b, db, 0.5 * (da + db)))
 
 
 def _ppo_terms(lp, ent, t: _PPO, sl: slice):
-    """Weighted per-token loss [n] and its derivatives in lp and in entropy (None without bonus)."""
+    """Weighted per-token loss [n] and its derivatives in lp and in entropy (None without bonus).
+    The values are the unfused ops' own torch expressions (kernels' clipped_surrogate and kl_value);
+    the derivatives are written out here, with torch autograd's conventions, to form the gradients
+    while the logits are in hand."""
     valid, w = t.valid[sl], t.w[sl].to(lp.dtype)
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     old = torch.where(valid, t.old[sl].to(lp.dtype), lp)  # off the mask: finite, ratio 1
     adv = torch.where(valid, t.adv[sl].to(lp.dtype), zero)
-    d = lp - old
-    rho = torch.exp(d.clamp(-20.0, 20.0))
-    drho = rho * (d.abs() <= 20.0)
-    lo, hi = 1.0 - t.clip_low, 1.0 + t.clip_high
-    pg1, pg2 = -adv * rho, -adv * rho.clamp(lo, hi)
-    c1 = torch.maximum(pg1, pg2)
-    dc = _max_grad(pg1, pg2, -adv * drho, -adv * drho * ((rho >= lo) & (rho <= hi)))
-    loss = c1
+    s = clipped_surrogate(lp, old, adv, t.clip_low, t.clip_high, t.dual_clip)
+    drho = s.ratio * ((lp - old).abs() <= 20.0)  # exp's derivative inside the +-20 clamp, else 0
+    inside = (s.ratio >= 1.0 - t.clip_low) & (s.ratio <= 1.0 + t.clip_high)
+    dc = _max_grad(s.pg1, s.pg2, -adv * drho, -adv * drho * inside)
     if t.dual_clip is not None:
         pg3 = -adv * t.dual_clip
-        dc2 = _max_grad(-c1, -pg3, dc, torch.zeros_like(dc))  # min(pg3, c1) = -max(-c1, -pg3)
-        neg = adv < 0
-        loss = torch.where(neg, torch.minimum(pg3, c1), c1)
-        dc = torch.where(neg, dc2, dc)
+        dc2 = _max_grad(-s.c1, -pg3, dc, torch.zeros_like(dc))  # min(pg3, c1) = -max(-c1, -pg3)
+        dc = torch.where(adv < 0, dc2, dc)
+    loss = s.loss
     if t.ref is not None and t.kl_coef != 0.0:
         ref = torch.where(valid, t.ref[sl].to(lp.dtype), lp)
-        kl, dkl = _kl_value_grad(lp - ref, t.kl_kind)
+        kl, dkl = kl_value_grad(lp - ref, t.kl_kind)
         loss = loss + t.kl_coef * kl
         dc = dc + t.kl_coef * dkl
     g_ent = None
@@ -244,29 +224,20 @@ class _PPOFn(torch.autograd.Function):
 
 
 def _ppo_metrics(lp, ent, t: _PPO, mask) -> dict[str, torch.Tensor]:
-    """verl's policy-loss metrics plus mean KL and entropy, masked means over the response tokens
-    (0-dim fp32 tensors, no host sync)."""
-    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
-    old = torch.where(t.valid, t.old.to(lp.dtype), lp)
-    adv = torch.where(t.valid, t.adv.to(lp.dtype), zero)
-    nk = (lp - old).clamp(-20.0, 20.0)
-    rho = torch.exp(nk)
-    pg1, pg2 = -adv * rho, -adv * rho.clamp(1.0 - t.clip_low, 1.0 + t.clip_high)
-    lower = torch.zeros_like(lp)
-    if t.dual_clip is not None:
-        lower = ((torch.maximum(pg1, pg2) > -adv * t.dual_clip) & (adv < 0)).to(lp.dtype)
-    kl = torch.zeros_like(lp)
-    if t.ref is not None:
-        kl = _kl_value_grad(lp - torch.where(t.valid, t.ref.to(lp.dtype), lp), t.kl_kind)[0]
-    m = mask.reshape(-1)
-    metrics = {
-        "clipfrac": masked_mean((pg2 > pg1).to(lp.dtype), m),
-        "approx_kl": masked_mean(-nk, m),
-        "clipfrac_lower": masked_mean(lower, m),
-        "kl": masked_mean(kl, m),
-        "entropy": masked_mean(ent, m),
-    }
-    return {k: v.float() for k, v in metrics.items()}
+    """verl's policy-loss metrics plus mean KL and entropy over the response tokens, computed by the
+    unfused ops on the log-probs of this pass (0-dim fp32 tensors, no host sync). Their torch
+    backend: a cheap elementwise pass that runs on every device (rlp's C++ has no CUDA kernels for
+    these, and "cpp" here may be on GPU). mask: bool [B, T]."""
+    lp, ent = lp.view(mask.shape), ent.view(mask.shape)
+    old, adv = (x.to(lp.dtype).view(mask.shape) for x in (t.old, t.adv))
+    with backend("torch"):
+        _, metrics = ppo_policy_loss(lp, old, adv, mask, t.clip_low, t.clip_high, t.dual_clip)
+        kl = torch.zeros_like(lp)
+        if t.ref is not None:
+            ref = torch.where(t.valid.view(mask.shape), t.ref.to(lp.dtype).view(mask.shape), lp)
+            kl = kl_penalty(lp, ref, t.kl_kind)
+    metrics.update(kl=masked_mean(kl, mask).float(), entropy=masked_mean(ent, mask).float())
+    return metrics
 
 
 def _check_ppo(op, hidden, labels, old_logprob, advantages, mask, ref_logprob, kw) -> None:
@@ -330,13 +301,15 @@ def fused_linear_ppo_loss(
     _check_ppo(op, hidden, labels, old_logprob, advantages, mask, ref_logprob, kw)
     check_label_range(op, labels, weight.shape[0], -100)
     impl, h2, w, b, y = _prepare(op, hidden, weight, labels, bias)
-    mask2 = mask.reshape(1, -1) if hidden.dim() == 2 else mask
+    valid = (mask.reshape(1, -1) if hidden.dim() == 2 else mask).bool()  # [B, T]
+    # the agg weights w = valid * s[b] of ppo_policy_loss, in the compute dtype (fp64 for fp64)
+    scale, _ = row_scale(valid, agg, K._compute_dtype(hidden.dtype))
     tokens = _PPO(
         old=old_logprob.detach().reshape(-1),
         adv=advantages.detach().reshape(-1),
         ref=None if ref_logprob is None else ref_logprob.detach().reshape(-1),
-        w=agg_weights(mask2, agg).reshape(-1),
-        valid=mask.reshape(-1).bool(),
+        w=(valid * scale[:, None]).reshape(-1),
+        valid=valid.reshape(-1),
         clip_low=float(clip_low),
         clip_high=float(clip_high),
         dual_clip=None if dual_clip is None else float(dual_clip),
@@ -349,5 +322,5 @@ def fused_linear_ppo_loss(
     )
     loss, lp, ent = _PPOFn.apply(h2, w, b, y, 1.0 / float(temperature), impl, tokens, need_grad)
     with torch.no_grad():
-        metrics = _ppo_metrics(lp, ent, tokens, mask)
+        metrics = _ppo_metrics(lp, ent, tokens, valid)
     return loss, metrics
