@@ -39,9 +39,9 @@ def _train(setting, steps: int, **uml):
     cfg, tok, samples, pairs = setting
     ucfg = dataclasses.replace(cfg.uml, steps=steps, batch_size=8, ib_batch_size=16, latent_dim=8, **uml)
     policy = tiny_llama(cfg.model, tok)  # weights from the test's seed (conftest)
-    rm = rlp_uml(policy, tok, pairs, samples, ucfg, cfg.data, TrainContext(seed=0))
+    rm, diagnostics = rlp_uml(policy, tok, pairs, samples, ucfg, cfg.data, TrainContext(seed=0))
     assert isinstance(rm, ScalarHeadModel) and not rm.training
-    return rm.uml_diagnostics
+    return diagnostics
 
 
 def test_uml_term_learns_shared_information_where_the_old_setting_collapsed(setting):

@@ -171,11 +171,25 @@ def _spg_stage(run: Run, data: TaskData, tokenizer, policy, ranker, samples, tag
     return rm, out["synthetic"], out["stats"]
 
 
-def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, dict]:
-    """Stages 1-6. Returns (policies, reward models, extra info) keyed by name. A resumed run loads
-    the outputs of the stages it had finished and continues the one it was inside."""
+def _uml_stage(run: Run, name: str, policy, tokenizer, pairs, samples):
+    """Stage `name`: RLP-UML's reward model from the SFT `policy` (Bradley-Terry on `pairs` + lam * L_M
+    on P). Returns (reward model, held-out IB diagnostics): MI above -2 ln 2 = -1.386 and mu_std not
+    tiny against mu_norm mean the bottleneck carries information (it collapsed at beta 1)."""
     cfg = run.cfg
-    stages = stage_names(cfg)
+    with run.stage(name) as st:
+        diag = None
+        if st.done:
+            rm = _reward_model(policy, run.device, cfg.uml.latent_dim).eval()
+        else:
+            rm, diag = rlp_uml(policy, tokenizer, pairs, samples, cfg.uml, cfg.data, run.context(st))
+        rm.requires_grad_(False)
+        return rm, st.keep({"rm": rm}, {"heldout": diag}, rm, tokenizer)["heldout"]
+
+
+def _sft_pref_rm(run: Run, data: TaskData, tokenizer, policy) -> ScalarHeadModel:
+    """Stages sft (trains `policy` in place), pref (D from its samples, and the held-out pairs) and
+    rm; returns the reward model."""
+    cfg = run.cfg
     with run.stage("sft") as st:
         if not st.done:
             sft(policy, tokenizer, data.sft, cfg.sft, cfg.data, run.context(st))
@@ -199,62 +213,35 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
             train_reward_model(rm, tokenizer, data.preferences, opt, cfg.data, run.context(st))
         rm.eval().requires_grad_(False)
         st.keep({"rm": rm}, export=rm, tokenizer=tokenizer)
-    policies, rms, info = {"sft": policy}, {"rm": rm}, {}
-    prompts = data.prompts
-    policies["ppo"] = _ppo_stage(run, "ppo", policy, rm, tokenizer, prompts)
-    if "oracle" in stages and data.gold is not None:
-        # the ceiling of the testbed: PPO against the gold reward itself (critic initialised from rm)
-        def gold_reward(ps, rs):
-            return [data.gold(p, r) for p, r in zip(ps, rs)]
+    return rm
 
-        policies["ppo_oracle"] = _ppo_stage(run, "ppo_oracle", policy, rm, tokenizer, prompts, gold_reward)
-    if not stages & {"uml", "spg", "uml_spg"}:
-        return policies, rms, info
+
+def _rlp_stages(
+    run: Run, data: TaskData, tokenizer, policy, stages: set, policies: dict, rms: dict, info: dict
+):
+    """RLP's stages into `policies`, `rms` and `info`: sample P from PPO's policy; RLP-UML, RLP-SPG
+    and both, each followed by PPO from SFT; then rlp.rounds - 1 more SPG rounds (P sampled again
+    from the latest RLP-SPG policy, ranked by the latest refined RM)."""
+    prompts = data.prompts
     samples = _sample_stage(run, "sample", policies["ppo"], tokenizer, prompts)
     if "uml" in stages:
-        with run.stage("rm_uml") as st:
-            if st.done:
-                rms["rm_uml"] = _reward_model(policy, run.device, cfg.uml.latent_dim).eval()
-            else:
-                rms["rm_uml"] = rlp_uml(
-                    policy, tokenizer, data.preferences, samples, cfg.uml, cfg.data, run.context(st)
-                )
-            rms["rm_uml"].requires_grad_(False)
-            # the information-bottleneck term on held-out view pairs: MI above -2 ln 2 = -1.386 and
-            # mu_std not tiny against mu_norm mean it carries information (it collapsed at beta 1)
-            diag = getattr(rms["rm_uml"], "uml_diagnostics", None)
-            info["uml"] = st.keep({"rm": rms["rm_uml"]}, {"heldout": diag}, rms["rm_uml"], tokenizer)[
-                "heldout"
-            ]
+        rms["rm_uml"], info["uml"] = _uml_stage(run, "rm_uml", policy, tokenizer, data.preferences, samples)
         policies["rlp_uml"] = _ppo_stage(run, "ppo_uml", policy, rms["rm_uml"], tokenizer, prompts)
     synthetic = []
     if stages & {"spg", "uml_spg"}:
-        rms["rm_spg"], synthetic, info["spg"] = _spg_stage(run, data, tokenizer, policy, rm, samples, "")
+        rms["rm_spg"], synthetic, info["spg"] = _spg_stage(
+            run, data, tokenizer, policy, rms["rm"], samples, ""
+        )
         policies["rlp_spg"] = _ppo_stage(run, "ppo_spg", policy, rms["rm_spg"], tokenizer, prompts)
     if "uml_spg" in stages:
         # both refinements at once: Bradley-Terry on D + the SPG pairs, + lam * L_M on P
-        with run.stage("rm_uml_spg") as st:
-            if st.done:
-                rms["rm_uml_spg"] = _reward_model(policy, run.device, cfg.uml.latent_dim).eval()
-            else:
-                rms["rm_uml_spg"] = rlp_uml(
-                    policy,
-                    tokenizer,
-                    data.preferences + synthetic,
-                    samples,
-                    cfg.uml,
-                    cfg.data,
-                    run.context(st),
-                )
-            rms["rm_uml_spg"].requires_grad_(False)
-            st.keep({"rm": rms["rm_uml_spg"]}, export=rms["rm_uml_spg"], tokenizer=tokenizer)
+        pairs = data.preferences + synthetic
+        rms["rm_uml_spg"], _ = _uml_stage(run, "rm_uml_spg", policy, tokenizer, pairs, samples)
         policies["rlp_uml_spg"] = _ppo_stage(
             run, "ppo_uml_spg", policy, rms["rm_uml_spg"], tokenizer, prompts
         )
     if "spg" in stages:
-        # rlp.rounds > 1: sample P again from the latest RLP-SPG policy and refine again (ranked by the
-        # latest refined RM), PPO again from SFT
-        for k in range(2, cfg.rlp.rounds + 1):
+        for k in range(2, run.cfg.rlp.rounds + 1):
             last, tag = f"rlp_spg{_round(k - 1)}", _round(k)
             fresh = _sample_stage(run, f"sample{tag}", policies[last], tokenizer, prompts)
             ranker = rms[f"rm_spg{_round(k - 1)}"]
@@ -264,4 +251,23 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
             policies[f"rlp_spg{tag}"] = _ppo_stage(
                 run, f"ppo_spg{tag}", policy, rms[f"rm_spg{tag}"], tokenizer, prompts
             )
+
+
+def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, dict]:
+    """Every training stage. Returns (policies, reward models, extra info) keyed by name. A resumed
+    run loads the outputs of the stages it had finished and continues the one it was inside."""
+    stages = stage_names(run.cfg)
+    rm = _sft_pref_rm(run, data, tokenizer, policy)
+    policies, rms, info = {"sft": policy}, {"rm": rm}, {}
+    policies["ppo"] = _ppo_stage(run, "ppo", policy, rm, tokenizer, data.prompts)
+    if "oracle" in stages and data.gold is not None:
+        # the ceiling of the testbed: PPO against the gold reward itself (critic initialised from rm)
+        def gold_reward(ps, rs):
+            return [data.gold(p, r) for p, r in zip(ps, rs)]
+
+        policies["ppo_oracle"] = _ppo_stage(
+            run, "ppo_oracle", policy, rm, tokenizer, data.prompts, gold_reward
+        )
+    if stages & {"uml", "spg", "uml_spg"}:
+        _rlp_stages(run, data, tokenizer, policy, stages, policies, rms, info)
     return policies, rms, info

@@ -140,11 +140,11 @@ def rlp_uml(
     cfg,
     data_cfg,
     ctx: TrainContext | None = None,
-) -> ScalarHeadModel:
+) -> tuple[ScalarHeadModel, dict]:
     """RLP-UML: Bradley-Terry on D + cfg.lam * L_M on P, from `init` (SFT causal LM or a reward model),
     with fresh Gaussian encoder heads (cfg: UMLConfig). L_M trains on the view pairs of all but a
-    seeded cfg.heldout_frac of P's prompts; the returned reward model carries `uml_diagnostics`
-    (`uml_diagnostics` on the held-out pairs after training; {} when none are held out)."""
+    seeded cfg.heldout_frac of P's prompts. Returns (the reward model in eval mode, algos.rlp's
+    uml_diagnostics on the held-out pairs after training; {} when none are held out)."""
     rm = _fresh_reward_model(init)
     hidden = rm.head.in_features
     rm.encoder = GaussianEncoder(hidden, cfg.latent_dim).to(next(rm.parameters()).device)
@@ -166,7 +166,7 @@ def rlp_uml(
     opt = Optim(cfg.steps, cfg.batch_size, cfg.lr, max_grad_norm=cfg.max_grad_norm)
     train_reward_model(rm, tokenizer, pairs, opt, data_cfg, ctx, aux)
     rm.eval()
-    rm.uml_diagnostics = (
+    diagnostics = (
         uml_diagnostics(rm, views, held_idx, negatives=cfg.negatives, seed=seed) if len(held_idx) else {}
     )
-    return rm
+    return rm, diagnostics
