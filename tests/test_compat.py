@@ -155,6 +155,17 @@ def test_verl_kl_penalty(kind):
         verl.kl_penalty_forward(lp, ref, "k9")
 
 
+def test_verl_names_are_the_ops_names():
+    """The drop-in keeps verl's own name lists (it must refuse what verl refuses), and every name in
+    them is one the ops accept: the "+" kinds are verl's names plus the suffix, as in the ops."""
+    from rlp_engine import ops
+
+    assert set(verl._VERL_KL) < set(ops.KL_KINDS)
+    assert {k + "+" for k in verl._VERL_KL} < set(ops.KL_KINDS)
+    assert set(verl._NUMERATOR) == set(ops.AGG_MODES)
+    assert {mode for mode, _ in verl._NUMERATOR.values()} <= set(ops.AGG_MODES)
+
+
 def _gae_carry64(r, v, m, gamma, lam):
     r, v, m = r.double(), v.double(), m.double()
     B, T = r.shape

@@ -25,9 +25,12 @@ from rlp_engine import ops
 from rlp_engine.compat._common import NO_IGNORE, check_gather_index, promote
 from rlp_engine.ops import reduce
 
+# verl 0.9.1's kl_penalty names: its own list, not ops.KL_KINDS, because the drop-in refuses what
+# verl refuses (NotImplementedError, e.g. k1_nonneg, which verl lacks); a subset of ops.KL_KINDS.
 _VERL_KL = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 
-# verl mode -> (ops agg mode, normalisers) for which the fused op returns the un-normalised numerator:
+# verl's loss_agg_mode names (verl's list, today the same five as ops.AGG_MODES) -> (ops agg mode,
+# normalisers) for which the fused op returns the un-normalised numerator:
 # the masked token sum, the sum of row sums, or the sum of row means. verl's normalisation is then
 # applied to it exactly as verl writes it (`_normalise`), which keeps its NaN for an empty batch.
 _NUMERATOR = {
