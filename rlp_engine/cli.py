@@ -346,7 +346,7 @@ def main(argv=None, *, hook: Hook | None = None) -> int:
         return 2
     from rlp_engine.pipeline.inputs import INPUT_ERRORS
 
-    handlers = {"train": lambda a, c: _train(a, c, hook), "eval": _eval, "sample": _sample}
+    handlers = {"train": lambda a, c: _train(a, c, hook=hook), "eval": _eval, "sample": _sample}
     try:
         return handlers[args.command](args, cfg)
     except INPUT_ERRORS as err:  # bad config, data or model: one line, no traceback

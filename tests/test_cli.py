@@ -369,7 +369,7 @@ def test_a_missing_optional_package_names_it_and_the_extra(tmp_path, monkeypatch
         line = _refused(capsys, "sample", "--policy", str(tmp_path), "--prompt", "1+2=")
         assert line.startswith("rlp-engine: sample needs the package 'transformers', which is not installed")
 
-    def needs_gguf(args, cfg):
+    def needs_gguf(args, cfg, hook=None):
         raise ModuleNotFoundError("No module named 'gguf'", name="gguf")
 
     # one the startup check does not list, met later: the same line, no traceback
