@@ -18,6 +18,8 @@ materialised ~1 GiB (logits, log-softmax and their gradients, [N, V] fp32 = 256 
 grad_weight); ours one-pass ~140 MiB (one 64 MiB pair buffer + grad_weight), recompute ~100 MiB.
 Wide: materialised ~2 GiB, Liger ~1.3 GiB, ours one-pass ~520 MiB, recompute ~300 MiB.
 
+Each variant's runs are interleaved with the others' (one warm-up each, then round-robin), so the
+load of the shared machine drifts over all of them alike; the median of --reps runs is reported.
 Usage: OMP_NUM_THREADS=1 python bench/bench_preference.py [--shapes base,wide] [--losses dpo,simpo]
 Rows go to a CSV outside the tree unless --csv bench/results.csv is given (or --no-csv).
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,7 +44,7 @@ from common import (  # noqa: E402
     print_table,
     save_rows,
     set_threads,
-    time_stats,
+    spread,
 )
 
 import rlp_engine.ops.fused_preference as FP  # noqa: E402
@@ -117,32 +120,47 @@ def variants(loss, liger_compiled):
     return out
 
 
+def time_interleaved(fns, warmup, reps):
+    """{min_ms, median_ms, max_ms, reps} of each fn, the variants' runs interleaved round-robin so
+    that the load of the shared machine drifts over all of them alike (run in turn, a load swing
+    over the minutes of one variant would bias the ratios)."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: spread(v) for k, v in times.items()}
+
+
 def run_shape(name, loss, args, reps):
     s = SHAPES[name]
     shape = f"{loss} {name}: B={s['b']} T={s['t']}+{s['t']} H={s['h']} V={s['v']} fp32"
     hc, hr, w, yc, yr, refs = inputs(s["b"], s["t"], s["h"], s["v"])
-    rows = []
-
-    def measure(label, fn):
-        st = time_stats(fn, "cpu", **reps)  # min/median/max of the repeats, into the row
-        ms = st["median_ms"]
-        rows.append({"variant": label, "shape": shape, **st, "peak_mb": peak_memory_mb(fn)})
-        print(f"  {label}: {ms:.0f} ms", flush=True)
-
+    fns = {}
     if loss == "dpo":  # the GEMM floor once per shape
         h2 = torch.cat([hc, hr], 1).detach().reshape(-1, s["h"])
         wd = w.detach()
-        measure("matmul [N,H]x[H,V] (floor: fwd+bwd = 3x)", lambda: h2 @ wd.t())
+        fns["matmul [N,H]x[H,V] (floor: fwd+bwd = 3x)"] = lambda: h2 @ wd.t()
     for label, f in variants(loss, args.liger_compiled).items():
 
         def fwd_bwd(f=f):
             f(hc, hr, w, yc, yr, refs).backward()
             hc.grad = hr.grad = w.grad = None
 
-        measure(f"{label} fwd+bwd", fwd_bwd)
-    base = next(r["median_ms"] for r in rows if r["variant"].startswith("materialised"))
-    for r in rows:  # materialised time / this time (above 1: faster than materialised)
-        r["ratio"] = None if r["variant"].startswith("matmul") else base / r["median_ms"]
+        fns[f"{label} fwd+bwd"] = fwd_bwd
+    stats = time_interleaved(fns, **reps)
+    base = stats["materialised fwd+bwd"]["median_ms"]
+    rows = []
+    for label, f in fns.items():  # ratio: materialised time / this time (above 1: faster)
+        ms = stats[label]["median_ms"]
+        ratio = None if label.startswith("matmul") else base / ms
+        rows.append({"variant": label, "shape": shape, **stats[label], "ratio": ratio})
+        rows[-1]["peak_mb"] = peak_memory_mb(f)
+        print(f"  {label}: {ms:.0f} ms, {rows[-1]['peak_mb']:.0f} MB", flush=True)
     return rows
 
 

@@ -124,13 +124,13 @@ def _pair_loss_grads(loss_fn, pc, pr, sl, n_pairs):
     return losses.detach(), cr, rr, zero if gc is None else gc, zero if gr is None else gr
 
 
-def _softmax_logprobs_(z, safe, keep):
-    """z [C, V] logits -> softmax in place; returns the label log-probs [C] (0 where not kept)."""
+def _exp_logprobs_(z, safe, keep):
+    """z [C, V] logits -> exp(z - rowmax) in place (softmax = z / total, left to the caller's one
+    scaling pass); returns the label log-probs [C] (0 where not kept) and total [C, 1]."""
     zy = z.gather(1, safe.unsqueeze(1)).squeeze(1)
     m, total = K._shifted_exp(z, z)  # z - max, exponentiated in place
     lp = zy - m.squeeze(1) - total.log().squeeze(1)
-    z.div_(total)
-    return torch.where(keep, lp, torch.zeros_like(lp))
+    return torch.where(keep, lp, torch.zeros_like(lp)), total
 
 
 def _one_pass(h2, weight, bias, y, w, tc, loss_fn):
@@ -150,11 +150,12 @@ def _one_pass(h2, weight, bias, y, w, tc, loss_fn):
         keep = wk.reshape(-1) != 0
         safe = torch.where(keep, y[s:e], 0)
         z = K._chunk_logits(h2[s:e], weight, bias, 1.0, K._tile(buf, e - s, vocab))  # (k L, V)
-        lp = _softmax_logprobs_(z, safe, keep).view(p1 - p0, length)  # z now holds p
+        lp, total = _exp_logprobs_(z, safe, keep)  # z now holds exp(z - max) = p total
+        lp = lp.view(p1 - p0, length)
         pc, pr = _pair_logps(lp, wk, tc)
         loss_k, cr_k, rr_k, gc, gr = _pair_loss_grads(loss_fn, pc, pr, slice(p0, p1), n_pairs)
         g = torch.cat([gc.unsqueeze(1) * wk[:, :tc], gr.unsqueeze(1) * wk[:, tc:]], 1).reshape(-1, 1)
-        dz = z.mul_(-g).scatter_add_(1, safe.unsqueeze(1), g)  # d loss / d z = g (onehot - p)
+        dz = z.mul_(-g / total).scatter_add_(1, safe.unsqueeze(1), g)  # d loss / d z = g (onehot - p)
         grads.add(s, e, h2[s:e], weight, dz)
         losses.append(loss_k)
         cr.append(cr_k)
