@@ -227,6 +227,11 @@ def test_bad_input_names_the_argument():
             ValueError,
             "labels_rejected: 17 is outside",
         ),
+        (
+            dict(labels_chosen=yc.index_put((torch.tensor(0), torch.tensor(3)), torch.tensor(-5))),
+            ValueError,
+            "labels_chosen: -5 is outside",
+        ),
         (dict(ref_chosen_logps=rc[:1]), ValueError, "ref_chosen_logps must be \\[B\\] = \\[2\\]"),
         (dict(beta=0.0), ValueError, "beta must be"),
         (dict(loss_type="kto"), ValueError, "loss_type"),

@@ -76,11 +76,12 @@ def _check_pairs(op, hc, hr, weight, yc, yr, bias, ignore_index) -> None:
         raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
     _check_lm_head(op, hc, weight, yc, bias, 1.0)  # weight and bias
     vocab = weight.shape[0]
-    for name, y in (("labels_chosen", yc), ("labels_rejected", yr)):
-        if y.numel() == 0:
-            continue
-        lo, hi = torch.where(y == ignore_index, 0, y.to(torch.int64)).aminmax()
-        lo, hi = torch.stack([lo, hi]).tolist()  # one host sync per side, before any work
+    bounds = []  # (min, max) label per side, ignored labels counted as 0
+    for y in (yc, yr):
+        safe = torch.where(y == ignore_index, 0, y.to(torch.int64)).reshape(-1)
+        bounds += [safe.min(), safe.max()] if safe.numel() else [safe.new_zeros(())] * 2
+    bounds = torch.stack(bounds).tolist()  # one host sync, before any [N, V] work
+    for name, (lo, hi) in (("labels_chosen", bounds[:2]), ("labels_rejected", bounds[2:])):
         if lo < 0 or hi >= vocab:
             raise ValueError(
                 f"{op}: {name}: {lo if lo < 0 else hi} is outside [0, {vocab}) and is not "
@@ -254,7 +255,8 @@ def fused_linear_dpo_loss(
 
     Returns (loss 0-dim, chosen_rewards [B], rejected_rewards [B]) in fp32 (fp64 for fp64 inputs);
     rewards = beta (policy - ref), detached. The loss is differentiable in the hidden states, weight
-    and bias. Labels outside [0, V) other than ignore_index raise ValueError (one host sync).
+    and bias. Labels outside [0, V) other than ignore_index raise ValueError (checked with one host
+    sync before any work).
     """
     op = "fused_linear_dpo_loss"
     _check_pairs(
@@ -299,8 +301,8 @@ def fused_linear_simpo_loss(
 
     Shapes, dtypes and labels as fused_linear_dpo_loss; no reference model. A response whose labels
     are all ignore_index has no mean log-prob: ValueError naming labels_chosen / labels_rejected and
-    the row (TRL and Liger return NaN there). beta, gamma_beta_ratio, label_smoothing as
-    ops.simpo_loss (Liger's gamma = gamma_beta_ratio * beta).
+    the row (TRL and Liger return NaN there; checked with a second host sync). beta,
+    gamma_beta_ratio, label_smoothing as ops.simpo_loss (Liger's gamma = gamma_beta_ratio * beta).
 
     Returns (loss 0-dim, chosen_rewards [B], rejected_rewards [B]) in fp32 (fp64 for fp64 inputs);
     rewards = beta * mean log-prob, detached.
