@@ -1,18 +1,22 @@
 """rlp_engine.models.export: a ScalarHeadModel written as a HF AutoModelForSequenceClassification
 scores as ours when HF loads it with no rlp-engine code (fp32 rounding), on fresh random inputs with
-left and right padding; the head's bias is refused, or dropped and recorded; the CLI's export-rm."""
+left and right padding; so do OpenRLHF 0.11.2's reward model (get_llm_for_sequence_regression, loaded
+as in test_compat_peers) and the AutoModelForTokenClassification that verl's reward worker loads. The
+head's bias is refused, or dropped and recorded; the CLI's export-rm."""
 
+import copy
 import json
 
 import pytest
 import torch
 from safetensors import safe_open
+from test_compat_peers import _load
 from tiny import tiny_llama
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
 from rlp_engine import cli
 from rlp_engine.models.export import BIAS_KEY, export_checkpoint, export_reward_model
-from rlp_engine.models.heads import ScalarHeadModel
+from rlp_engine.models.heads import ScalarHeadModel, last_token_index, position_ids
 from rlp_engine.models.loading import train_byte_tokenizer
 
 
@@ -72,6 +76,45 @@ def test_hf_scores_equal_ours(tokenizer, tmp_path, seed):
         assert ours.std() > 0.1  # rows score differently: a wrong pooling index would show
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     assert AutoTokenizer.from_pretrained(tmp_path).pad_token_id == tokenizer.pad_token_id
+
+
+def test_openrlhf_loads_the_export_as_its_reward_model(tokenizer, tmp_path):
+    """OpenRLHF builds its RewardModel from the base model plus a bias-free `score` head and reads
+    the reward at the last attention-mask position: the exported files load into it unchanged. It
+    loads only bf16/fp16 weights, so ours is compared with its weights rounded to bf16, in fp32."""
+    bare = ["openrlhf", "openrlhf.models", "openrlhf.trainer", "openrlhf.trainer.ppo_utils", "openrlhf.utils"]
+    stubs = ["deepspeed", "ray", "peft", "flash_attn", "bitsandbytes"]
+    (model_module,) = _load("openrlhf", bare=bare, stubs=stubs, modules=["openrlhf.models.model"])
+    torch.manual_seed(5)
+    rm = reward_model(tokenizer, 5)
+    export_reward_model(rm, tokenizer, tmp_path)
+    theirs = model_module.get_llm_for_sequence_regression(
+        str(tmp_path), "reward", param_dtype="bf16", attn_implementation="sdpa"
+    )
+    theirs = theirs.float().eval()
+    ours = copy.deepcopy(rm)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(p.bfloat16().float())
+        for side in ("left", "right"):
+            ids, mask = padded_batch(tokenizer, side)
+            torch.testing.assert_close(theirs(ids, mask), ours.score(ids, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_verls_token_classification_load_scores_as_ours(tokenizer, tmp_path):
+    """verl's reward worker loads AutoModelForTokenClassification (a `score` Linear with a bias, which
+    the export lacks: HF reports it missing and initialises it to 0) and reads the last mask
+    position with positions counted from the mask."""
+    torch.manual_seed(6)
+    rm = reward_model(tokenizer, 6)
+    export_reward_model(rm, tokenizer, tmp_path)
+    model = AutoModelForTokenClassification.from_pretrained(tmp_path).eval()
+    for side in ("left", "right"):
+        ids, mask = padded_batch(tokenizer, side)
+        with torch.no_grad():
+            per_token = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+            theirs = per_token.squeeze(-1)[torch.arange(ids.shape[0]), last_token_index(mask)]
+            torch.testing.assert_close(theirs, rm.score(ids, mask), rtol=1e-5, atol=1e-5)
 
 
 def test_a_non_zero_bias_is_refused_or_dropped_and_recorded(tokenizer, tmp_path):

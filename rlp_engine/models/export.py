@@ -3,9 +3,12 @@
 The pipeline's checkpoints/rm* directories hold the backbone in HF format plus scalar_head.pt, which
 only rlp-engine reads. `export_reward_model` writes the same network as `<Arch>ForSequenceClassification`
 with num_labels=1: the backbone under its base_model_prefix, the head as `score.weight` [1, H], in
-model.safetensors, with config.pad_token_id set and the tokenizer beside it, so that
-`AutoModelForSequenceClassification.from_pretrained(out)` (TRL's reward models, OpenRLHF's and verl's
-reward workers start from it) loads it with no custom code.
+model.safetensors, with config.pad_token_id set and the tokenizer beside it. Loaded with no rlp-engine
+code, these score as ours (tests/test_integrations_export.py): transformers'
+`AutoModelForSequenceClassification.from_pretrained(out)` (what TRL's reward models are), OpenRLHF
+0.11.2's `get_llm_for_sequence_regression(out, "reward")` (base model + bias-free `score`, read at the
+last mask position; it loads bf16/fp16 only), and `AutoModelForTokenClassification` as verl's reward
+worker loads it (its `score` has a bias, absent here: HF reports it missing and initialises it to 0).
 
 What carries over exactly, and what does not:
 - HF's `score` Linear has no bias; ours has one. Under Bradley-Terry its gradient cancels between the
