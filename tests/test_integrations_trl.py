@@ -176,7 +176,7 @@ def test_logps_and_entropies_match_trls_method(tiny, tmp_path, entropy_coef):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
-def test_vision_or_moe_inputs_use_trls_own_method(tiny, tmp_path, monkeypatch):
+def test_vision_moe_or_peft_use_trls_own_method(tiny, tmp_path, monkeypatch):
     tok, path = tiny
     grpo, _ = trl_grpo()
     trainer = make_trainer(fused_class(), path, tmp_path, tok)
@@ -185,13 +185,13 @@ def test_vision_or_moe_inputs_use_trls_own_method(tiny, tmp_path, monkeypatch):
         grpo.GRPOTrainer, "_get_per_token_logps_and_entropies", lambda self, *a, **k: calls.append(k) or "trl"
     )
     ids, mask, _ = _padded_batch(tok, completion_len=4)
-    assert trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, 4, pixel_values=ids) == "trl"
-    assert (
-        trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, 4, compute_aux_loss=True)
-        == "trl"
-    )
-    assert trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, 4)[0].shape == (5, 4)
+    method = functools.partial(trainer._get_per_token_logps_and_entropies, trainer.model, ids, mask, 4)
+    assert method(pixel_values=ids) == "trl"
+    assert method(compute_aux_loss=True) == "trl"
+    assert method()[0].shape == (5, 4)
     assert len(calls) == 2
+    monkeypatch.setattr(trainer.model, "peft_config", {}, raising=False)  # a PEFT model's marker
+    assert method() == "trl" and len(calls) == 3
 
 
 def _lm_head_lengths(trainer):

@@ -19,9 +19,9 @@ under autocast) TRL's LM head and log-softmax run in bf16, the fused op in the h
 the tiny test model). With bf16=False, five GRPO steps give TRL's losses, metrics and weights to fp32
 rounding (tests/test_integrations_trl.py). Entropies carry a gradient only when TRL's entropy bonus
 is on, as in TRL. TRL's own method runs unchanged for what the fused op does not cover: vision
-inputs and MoE router aux losses. A wrapped model (DDP, DeepSpeed, FSDP) runs through TRL's own
-`_ForwardRedirection` (what TRL does for its Liger loss), so the wrapper's forward hooks still run;
-the tests run one CPU process and do not exercise that path.
+inputs, MoE router aux losses and PEFT models (`fused_applies`). A wrapped model (DDP, DeepSpeed,
+FSDP) runs through TRL's own `_ForwardRedirection` (what TRL does for its Liger loss), so the
+wrapper's forward hooks still run; the tests run one CPU process and do not exercise that path.
 
 TRL 1.12's DPOTrainer has no per-token log-prob method to override: `_compute_loss` computes the
 log-probs inline and logs statistics of the full logits, so there is no fused DPO trainer here.
@@ -36,7 +36,7 @@ import torch
 
 from rlp_engine.ops.hf import causal_lm_logprobs
 
-__all__ = ["FusedGRPOTrainer", "fused_grpo_logps"]  # noqa: F822 (FusedGRPOTrainer: module __getattr__)
+__all__ = ["FusedGRPOTrainer", "fused_applies", "fused_grpo_logps"]  # noqa: F822 (FusedGRPOTrainer: module __getattr__)
 
 
 def _trl(module: str):
@@ -94,6 +94,15 @@ def fused_grpo_logps(
     return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
 
+def fused_applies(trainer, model, compute_aux_loss=False, extra=None) -> bool:
+    """Whether the fused path covers this call: a text-only transformers causal LM. Not for vision
+    inputs or MoE aux losses (TRL's own method then), nor PEFT models, whose `base_model` is the
+    adapter wrapper around the whole causal LM rather than its trunk."""
+    if compute_aux_loss or any(v is not None for v in (extra or {}).values()):
+        return False
+    return not hasattr(trainer.accelerator.unwrap_model(model), "peft_config")
+
+
 @functools.cache
 def _fused_class():
     """FusedGRPOTrainer, built on first use so that importing this module does not import TRL."""
@@ -114,7 +123,7 @@ def _fused_class():
             compute_aux_loss=False,
             **extra,
         ):
-            if compute_aux_loss or any(v is not None for v in extra.values()):  # vision / MoE: TRL's
+            if not fused_applies(self, model, compute_aux_loss, extra):
                 return super()._get_per_token_logps_and_entropies(
                     model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
                     compute_aux_loss, **extra,
