@@ -180,9 +180,10 @@ def _recording(launches):
 
 def collect(archs, only: str | None = None):
     """[(op, dtype, shape, arch, kernel, args, kwargs)], one per distinct launch of each case and arch
-    (the fused LM head's launcher picks its config per arch; the other launchers ignore the arch)."""
+    (the fused LM head's launcher picks its config per arch; the other launchers ignore the arch).
+    op: the kernel's file in kernels/ (a case may launch kernels of several files)."""
     out = []
-    for op, case in CASES.items():
+    for case in CASES.values():
         for dname, dt in DTYPES.items():
             for arch in archs:
                 launches = []
@@ -190,6 +191,7 @@ def collect(archs, only: str | None = None):
                     shape = case(dt, arch)
                 seen = set()
                 for fn, args, kwargs in launches:
+                    op = fn.fn.__module__.rsplit(".", 1)[-1]
                     if only and only not in f"{op}.{fn.__name__}":
                         continue
                     # Launches that specialise alike (e.g. the backward's equal row chunks) compile once.

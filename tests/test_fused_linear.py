@@ -114,6 +114,34 @@ def test_triton_interpreter_tf32_within_documented_tolerance(n, h, vocab, bias, 
     assert (got[0].double() - exact).abs().max() > TOL[torch.float32], "tf32 emulation had no effect"
 
 
+@pytest.mark.parametrize("n,vocab,slices", [(37, 1000, 5), (300, 64, 16), (1, 7, 1), (0, 10, 2)])
+def test_combine_partials_kernel(n, vocab, slices):
+    # The forward's per-slice partials (max, sum exp, sum exp*z, z[y]) of fresh logits, combined by the
+    # Triton kernel (interpreter), against log_softmax in float64; ignored rows give 0.
+    from rlp_engine.kernels.fused_linear_combine import combine_partials
+
+    z = torch.randn(n, vocab, dtype=torch.float64) * 3
+    labels = torch.randint(0, vocab, (n,))
+    labels[::4] = -100
+    part = torch.zeros(4, slices, n, dtype=torch.float64)
+    for i, cols in enumerate(torch.arange(vocab).tensor_split(slices)):
+        zc = z[:, cols]
+        m = zc.amax(dim=1)
+        e = torch.exp(zc - m[:, None])
+        hit = (labels[:, None] == cols[None, :]).double()
+        part[:, i] = torch.stack([m, e.sum(1), (e * zc).sum(1), (hit * zc).sum(1)])
+    lp, ent, lse = combine_partials(part.float().contiguous(), labels, -100, True)
+    logp = z.log_softmax(-1)
+    keep = labels != -100
+    want_lp = torch.where(keep, logp.gather(1, labels.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    want_ent = torch.where(keep, -(logp.exp() * logp).sum(-1), 0.0)
+    for got, want, what in ((lse, z.logsumexp(-1), "lse"), (lp, want_lp, "logprob"), (ent, want_ent, "ent")):
+        assert got.dtype == torch.float32 and got.shape == (n,)
+        assert_close(got, want, 1e-5, what)
+    lp2, ent2, _ = combine_partials(part.float().contiguous(), labels, -100, False)
+    assert ent2 is None and torch.equal(lp2, lp)
+
+
 def test_gpu_tiles_per_arch():
     # Hopper and newer: 128x128 tiles, 3 stages; Ampere (sm_80/86/89) and older: 128x64, 4 stages
     # (spill-free there, bench/triton_aot.py). fp32 takes tf32 dots with a narrower K step.
