@@ -59,6 +59,9 @@ def assert_close(got, want, tol):
             assert_close(a, b, tol)
             continue
         assert a.dtype == b.dtype or tol > TOL[torch.float64], (i, a.dtype, b.dtype)
+        assert a.shape == b.shape, (i, a.shape, b.shape)
+        if a.numel() == 0:
+            continue
         scale = max(1.0, b.double().abs().max().item())
         err = (a.double() - b.double()).abs().max().item()
         assert err <= tol * scale, (i, err, scale)
@@ -282,3 +285,14 @@ def test_one_pass_chunks_of_two_pairs_and_a_partial_last_one(monkeypatch, which)
     assert type(got[0].grad_fn).__name__ == "_OnePassFnBackward"
     want = run(ref, which, hc, hr, w, bb, yc, yr, refs, upstream=-0.6)
     assert_close(got, want, TOL[torch.float64])
+
+
+def test_empty_chosen_responses(path):
+    # T_chosen = 0: DPO's chosen log-probs are 0 (empty sums); SimPO's means are undefined
+    hc, hr, w, bb, yc, yr, refs = make(2, 0, 5, 4, 9, bias=True, seed=13)
+    got = run(fused_linear_dpo_loss, "dpo", hc, hr, w, bb, yc, yr, refs)
+    want = run(FP.fused_linear_dpo_loss_ref, "dpo", hc, hr, w, bb, yc, yr, refs)
+    assert_close(got, want, TOL[torch.float64])
+    assert got[3][0].shape == (2, 0, 4) and got[3][1].abs().sum() > 0
+    with pytest.raises(ValueError, match="labels_chosen row 0 has no label other than ignore_index"):
+        fused_linear_simpo_loss(hc, hr, w, yc, yr)

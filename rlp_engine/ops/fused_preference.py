@@ -102,7 +102,7 @@ def _token_weights(op, yc, yr, ignore_index, average, dt):
             empty = (n == 0).nonzero()
             if empty.numel():
                 raise ValueError(
-                    f"{op}: {name} row {empty[0, 0].item()} has every label equal to ignore_index "
+                    f"{op}: {name} row {empty[0, 0].item()} has no label other than ignore_index "
                     f"({ignore_index}): its mean log-prob (SimPO) is undefined"
                 )
             part.div_(n)
