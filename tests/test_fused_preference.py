@@ -177,8 +177,14 @@ def test_no_grad_and_partial_grad(which):
     frozen = [t.detach() for t in (hc, hr)]
     args2 = (*frozen, w, *args[3:])
     (gw,) = torch.autograd.grad(fn(*args2, bias=bb.detach())[0], (w,))
-    (want,) = torch.autograd.grad(full[0], (w,))
+    (want,) = torch.autograd.grad(full[0], (w,), retain_graph=True)
     assert_close([gw], [want], TOL[torch.float64])
+    # frozen LM head and bias (LoRA-style): hidden gradients only (the weight GEMM is skipped)
+    args3 = (hc, hr, w.detach(), *args[3:])
+    loss = fn(*args3, bias=bb.detach())[0]
+    assert type(loss.grad_fn).__name__ == "_OnePassFnBackward"
+    got = torch.autograd.grad(loss, (hc, hr))
+    assert_close(got, torch.autograd.grad(full[0], (hc, hr)), TOL[torch.float64])
 
 
 def _plain_bf16_dpo(hc, hr, w, yc, yr, rc, rr, bias):

@@ -14,8 +14,9 @@ Two paths, one result (tests compare both with the float64 reference):
 - one pass (training, when one pair's [Tc + Tr, V] fp32 logits fit in PAIR_SCRATCH_BYTES): per chunk
   of whole pairs, logits -> softmax in place -> token log-probs -> the pairs' losses and d loss /
   d logp (tiny autograd on [k] vectors, the exact ops.dpo_loss / simpo_loss) -> dz = g (onehot - p)
-  in the same buffer -> grad_hidden rows and grad_weight. 3 GEMMs, one [rows, V] buffer; the
-  backward only scales the saved gradients (Liger's trick, without its extra buffers).
+  in the same buffer -> grad_hidden rows and grad_weight. 3 GEMMs (2 when the LM head is frozen),
+  one [rows, V] buffer; the backward only scales the saved gradients (Liger's trick, without its
+  extra buffers). A forward under grad mode pays for the gradients: evaluate under torch.no_grad().
 - recompute (no gradient wanted, or a pair too long for the budget): fused_linear_logprobs, whose
   forward and backward walk [R, Vc] tiles within its 32 MiB scratch: 4 GEMMs, the least memory.
 """
@@ -134,16 +135,38 @@ def _exp_logprobs_(z, safe, keep):
     return torch.where(keep, lp, torch.zeros_like(lp)), total
 
 
-def _one_pass(h2, weight, bias, y, w, tc, loss_fn):
+def _new_grads(h2, weight, bias, need, dt):
+    """fp32 (fp64) accumulators of the gradients asked for (need: hidden, weight, bias), else None."""
+    gh = torch.empty_like(h2) if need[0] else None
+    gw = torch.zeros(weight.shape, dtype=dt, device=weight.device) if need[1] else None
+    gb = (
+        torch.zeros(weight.shape[0], dtype=dt, device=weight.device) if bias is not None and need[2] else None
+    )
+    return gh, gw, gb
+
+
+def _add_grads(grads, s, e, h, weight, dz):
+    """grad_hidden[s:e] = dz W; grad_weight += dz^T h; grad_bias += column sums of dz."""
+    gh, gw, gb = grads
+    if gh is not None:  # a frozen trunk skips this GEMM
+        torch.mm(dz.to(weight.dtype) if weight.dtype != dz.dtype else dz, weight, out=gh[s:e])
+    if gw is not None:  # and a frozen LM head (LoRA) this one: 2 GEMMs instead of 3
+        gw.addmm_(dz.t(), h.to(dz.dtype))
+    if gb is not None:
+        gb.add_(dz.sum(dim=0))
+
+
+def _one_pass(h2, weight, bias, y, w, tc, loss_fn, need):
     """Forward and gradients in one walk over chunks of whole pairs (see the module docstring).
-    h2 [B L, H], y [B L] int64, w [B, L] token weights -> (mean loss, chosen and rejected rewards
-    [B], (grad_hidden, grad_weight, grad_bias | None) of the mean loss)."""
+    h2 [B L, H], y [B L] int64, w [B, L] token weights, need (hidden, weight, bias) flags -> (mean
+    loss, chosen and rejected rewards [B], (grad_hidden, grad_weight, grad_bias), None where not
+    needed, of the mean loss)."""
     n_pairs, length = w.shape
     vocab, dt = weight.shape[0], K._compute_dtype(h2.dtype)
     rows = K.rows_per_chunk(h2.shape[0], vocab, torch.finfo(dt).bits // 8, h2.device)
     k = min(n_pairs, max(1, rows // length))  # whole pairs per chunk: their losses close in it
     buf = torch.empty(k * length * vocab, dtype=dt, device=h2.device)  # reused by every chunk
-    grads = K._Grads(h2, weight, bias, dt)
+    grads = _new_grads(h2, weight, bias, need, dt)
     losses, cr, rr = [], [], []
     for p0 in range(0, n_pairs, k):
         p1 = min(n_pairs, p0 + k)
@@ -157,27 +180,29 @@ def _one_pass(h2, weight, bias, y, w, tc, loss_fn):
         loss_k, cr_k, rr_k, gc, gr = _pair_loss_grads(loss_fn, pc, pr, slice(p0, p1), n_pairs)
         g = torch.cat([gc.unsqueeze(1) * wk[:, :tc], gr.unsqueeze(1) * wk[:, tc:]], 1).reshape(-1, 1)
         dz = z.mul_(-g / total).scatter_add_(1, safe.unsqueeze(1), g)  # d loss / d z = g (onehot - p)
-        grads.add(s, e, h2[s:e], weight, dz)
+        _add_grads(grads, s, e, h2[s:e], weight, dz)
         losses.append(loss_k)
         cr.append(cr_k)
         rr.append(rr_k)
     loss = torch.cat(losses).sum() / n_pairs
-    return loss, torch.cat(cr), torch.cat(rr), grads.result(weight, bias)
+    gh, gw, gb = grads
+    gw = None if gw is None else gw.to(weight.dtype)
+    return loss, torch.cat(cr), torch.cat(rr), (gh, gw, None if gb is None else gb.to(bias.dtype))
 
 
 class _OnePassFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h2, weight, bias, y, w, tc, loss_fn):
-        loss, cr, rr, (gh, gw, gb) = _one_pass(h2, weight, bias, y, w, tc, loss_fn)
+        need = ctx.needs_input_grad[:3]
+        loss, cr, rr, (gh, gw, gb) = _one_pass(h2, weight, bias, y, w, tc, loss_fn, need)
         ctx.save_for_backward(gh, gw, gb)
         ctx.mark_non_differentiable(cr, rr)
         return loss, cr, rr
 
     @staticmethod
     def backward(ctx, g_loss, _g_cr, _g_rr):
-        gh, gw, gb = ctx.saved_tensors
-        g = g_loss.to(gw.dtype) if gw.dtype == torch.float64 else g_loss.float()
-        return gh * g, gw * g, None if gb is None else gb * g, None, None, None, None
+        grads = [None if t is None else t * g_loss for t in ctx.saved_tensors]
+        return *grads, None, None, None, None
 
 
 def _recompute(h2, weight, bias, y, w, tc, loss_fn, ignore_index):
