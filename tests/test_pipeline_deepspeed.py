@@ -92,7 +92,7 @@ def test_zero3_checkpoint_inside_ppo_is_deepspeeds_and_resumes_on_two_ranks(runs
     latest, meta, files = runs["killed"]
     assert (meta["stage"], meta["loop"]["step"], meta["world_size"]) == ("ppo", 1, 2)
     names = {p.relative_to(latest).as_posix() for p in files}
-    assert {"state/deepspeed.json", "rng-rank0.pt", "rng-rank1.pt"} <= names, names
+    assert {"state/layout.json", "rng-rank0.pt", "rng-rank1.pt"} <= names, names
     for r in range(2):
         for kind in ("model", "optim"):
             assert f"state/actor_critic/zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" in names, names
