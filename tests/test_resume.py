@@ -241,3 +241,18 @@ def test_diverging_run_skips_non_finite_steps_then_stops_with_a_clear_error(tmp_
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["nonfinite_steps"] for x in lines] == [0, 1, 2]
     assert (out / "resume" / "ckpt-000001" / "meta.pt").is_file() and not (out / "report.json").exists()
+
+
+def test_a_run_written_before_a_config_key_existed_resumes_when_it_has_its_default():
+    """A checkpoint's config that lacks a section added since (rollout) held its default then: it
+    resumes under today's default and is refused, naming the key, under another value."""
+    from rlp_engine.config import ConfigError, load_config, to_dict
+    from rlp_engine.pipeline.run import check_resumable
+
+    saved = to_dict(load_config())
+    del saved["rollout"]
+    check_resumable(load_config(), saved)  # rollout.backend builtin then and now
+    other = load_config()
+    other.rollout.backend = "vllm"  # set after loading: load_config refuses vllm where it is absent
+    with pytest.raises(ConfigError, match=r"rollout.backend: 'builtin' -> 'vllm'"):
+        check_resumable(other, saved)

@@ -288,12 +288,17 @@ RESUME_FREE = {
 
 def check_resumable(cfg: TrainConfig, saved: dict) -> None:
     """Refuse to continue a run with a config that changes what it computes (naming the keys)."""
-    now = to_dict(cfg)
+    now, defaults = to_dict(cfg), to_dict(TrainConfig())
+
+    def was(section: str, key: str):
+        # a key added since that run was written took its default value there
+        return saved.get(section, {}).get(key, defaults[section][key])
+
     changed = [
-        f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
+        f"{section}.{key}: {was(section, key)!r} -> {value!r}"
         for section, fields in now.items()
         for key, value in fields.items()
-        if saved.get(section, {}).get(key) != value and not (section == "run" and key in RESUME_FREE)
+        if was(section, key) != value and not (section == "run" and key in RESUME_FREE)
     ]
     if changed:
         raise ConfigError(

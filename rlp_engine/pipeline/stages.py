@@ -104,6 +104,8 @@ def _ppo_stage(run: Run, name: str, policy, reward_model, tokenizer, prompts: li
                 ctx,
                 gold=run.gold,
                 reward_fn=reward_fn,
+                rollout_backend=cfg.rollout.backend,
+                model_path=cfg.model.path,
             )
         st.keep({"actor": actor}, export=actor, tokenizer=tokenizer)
     return actor

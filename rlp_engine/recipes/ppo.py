@@ -28,10 +28,10 @@ from rlp_engine import ops
 from rlp_engine.algos.ppo import actor_critic_loss, advantages_and_returns, critic_values, next_kl_coef
 from rlp_engine.data.batch import SeqBatch
 from rlp_engine.engine.distributed import rank_and_world, shard
-from rlp_engine.engine.generate import sample
 from rlp_engine.engine.guards import NonFiniteGuard
 from rlp_engine.engine.layout import TrainHandle, frozen, train_handle
 from rlp_engine.engine.metrics import Throughput, masked_stats, to_float
+from rlp_engine.engine.rollout import make_rollout
 from rlp_engine.models.heads import ScalarHeadModel
 from rlp_engine.models.policy import response_logprobs
 from rlp_engine.recipes.scaffold import TrainContext, run_loop
@@ -49,7 +49,8 @@ class PPOState:
     cfg: object  # PPOConfig
     data_cfg: object  # DataConfig
     generator: torch.Generator  # prompt order and minibatch shuffles
-    gen_model: torch.nn.Module  # generation copy of the actor, refreshed by handle.sync each rollout
+    gen_model: torch.nn.Module  # plain copy of the actor: the builtin rollout's model, the result
+    rollout: object  # engine.rollout: loads the actor's full weights each iteration and samples
     guard: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(10, "ppo"))  # skipped updates
     # beta of the KL penalty in the shaped rewards: cfg.kl_coef, fixed, or (cfg.kl_target set) moved
     # after every rollout by algos.ppo.adaptive_kl_coef; saved with the loop state (exact resume)
@@ -96,10 +97,13 @@ def init_ppo(
     data_cfg,
     seed: int = 0,
     train_backend: str = "fsdp2",
+    rollout_backend: str = "builtin",
+    model_path: str | None = None,
 ) -> PPOState:
     """A PPOState from the SFT `policy` (copied into actor and reference) and `reward_model` (copied
     into the critic; the original stays frozen as the scorer). One AdamW over actor and critic, as
-    AlpacaFarm (its vf_coef weighs the two losses), one clip over both."""
+    AlpacaFarm (its vf_coef weighs the two losses), one clip over both. rollout_backend: "builtin"
+    or "vllm" (engine.rollout.make_rollout; model_path: the policy's HF directory for vLLM)."""
     critic = copy.deepcopy(reward_model).train().requires_grad_(True)
     critic.encoder = None
     handle = train_handle(
@@ -114,7 +118,11 @@ def init_ppo(
     reward_model = frozen(reward_model.eval().requires_grad_(False), copy=True)
     gen = torch.Generator().manual_seed(seed)
     gen_model = copy.deepcopy(policy).eval().requires_grad_(False)
-    return PPOState(handle, ref, reward_model, tokenizer, cfg, data_cfg, gen, gen_model)
+    kwargs = (
+        {} if rollout_backend == "builtin" else {"seed": seed + rank_and_world()[0], "model_path": model_path}
+    )
+    rollout = make_rollout(rollout_backend, gen_model, tokenizer, data_cfg, **kwargs)
+    return PPOState(handle, ref, reward_model, tokenizer, cfg, data_cfg, gen, gen_model, rollout)
 
 
 @torch.no_grad()
@@ -252,12 +260,12 @@ def ppo_step(
     """
     throughput = throughput or Throughput()
     cfg = state.cfg
-    # train -> generate switch: training state offloaded (a recorded no-op on CPU), the actor's
-    # weights streamed into the generation model in buckets, generation, then reload.
+    # train -> generate switch: training state offloaded (a recorded no-op on CPU), the actor's full
+    # weights streamed into the rollout engine in buckets, generation, then reload.
     with state.handle.offloaded("actor"):
-        switch = state.handle.sync("actor", state.gen_model, cfg.sync_bucket_mb)
+        switch = state.rollout.load_weights(state.handle.full_weights("actor"), cfg.sync_bucket_mb)
         with throughput.phase("generation") as rec:
-            samples = sample(state.gen_model, state.tokenizer, prompts, cfg, state.data_cfg, n=1)
+            samples = state.rollout.sample(prompts, cfg, n=1)
             rec["tokens"] = int(samples.batch.response_mask.sum())
     texts = (samples.prompts, samples.responses)
     exp = make_experience(state, samples.batch, throughput, samples.logprobs, texts)
@@ -297,6 +305,8 @@ def ppo(
     *,
     gold=None,
     reward_fn=None,
+    rollout_backend: str = "builtin",
+    model_path: str | None = None,
 ) -> torch.nn.Module:
     """Run cfg.steps PPO iterations from `policy` (the SFT model, left untouched) against
     `reward_model`, cycling through `prompts` in shuffled order. Returns the trained actor.
@@ -306,7 +316,7 @@ def ppo(
     Sampling draws from the global RNG: seed it first (the pipeline seeds run.seed + rank).
     ctx.ckpt: the state saved is actor, critic, optimizer, the prompt order and position, the
     shuffling generator and the KL coefficient (the frozen reference and reward model are the
-    stage's inputs)."""
+    stage's inputs). rollout_backend, model_path: as in init_ppo."""
     ctx = ctx or TrainContext(stage="ppo")
     world = rank_and_world()[1]
     size = min(cfg.rollout_batch_size, len(prompts))
@@ -316,7 +326,15 @@ def ppo(
             f"of the world size {world} (every rank takes an equal share)"
         )
     state = init_ppo(
-        policy, reward_model, tokenizer, cfg, data_cfg, seed=ctx.seed, train_backend=ctx.train_backend
+        policy,
+        reward_model,
+        tokenizer,
+        cfg,
+        data_cfg,
+        seed=ctx.seed,
+        train_backend=ctx.train_backend,
+        rollout_backend=rollout_backend,
+        model_path=model_path,
     )
     state.reward_fn = reward_fn
     cursor = {"order": torch.randperm(len(prompts), generator=state.generator).tolist(), "pos": 0}

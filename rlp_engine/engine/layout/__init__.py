@@ -9,7 +9,8 @@ A recipe (rlp_engine/recipes) never asks which backend runs: it builds a `TrainH
     handle.step(loss, ...)         backward, non-finite guard, clip, optimizer (and scheduler) step
     handle.checkpoint_modules()    what LoopCheckpoint saves and restores
     handle.offloaded(name)         training state off the device while the generator runs
-    handle.sync(name, dst, mb)     the trained weights streamed into a plain generation model
+    handle.full_weights(name)      (HF name, full tensor) pairs of a trained part, gathered one at a
+                                   time: what a rollout engine loads each iteration
     handle.load_full_weights(name, dst)   the trained weights into a plain model at the end
 
 Two builders make one: fsdp.fsdp_handle (single process, or FSDP2 under torchrun) and
@@ -20,7 +21,7 @@ reads (PPO's reference and reward model), which both layouts keep on FSDP2.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -29,7 +30,6 @@ from torch import nn
 
 from rlp_engine.engine.distributed import rank_and_world
 from rlp_engine.engine.guards import NonFiniteGuard
-from rlp_engine.engine.reshard import SwitchRecord
 
 BACKENDS = ("fsdp2", "deepspeed")
 
@@ -50,7 +50,7 @@ class TrainHandle(Protocol):
 
     def offloaded(self, name: str) -> AbstractContextManager: ...
 
-    def sync(self, name: str, dst: nn.Module, bucket_mb: float) -> SwitchRecord: ...
+    def full_weights(self, name: str) -> Iterator[tuple[str, torch.Tensor]]: ...
 
     def load_full_weights(self, name: str, dst: nn.Module) -> None: ...
 

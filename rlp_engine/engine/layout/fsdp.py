@@ -16,7 +16,7 @@ back to full tensors (a plain model on every rank, or a CPU state dict on rank 0
 from __future__ import annotations
 
 import copy as copy_module
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
 import torch
@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from rlp_engine.engine.guards import NonFiniteGuard, guarded_step
 from rlp_engine.engine.offload import offloaded
-from rlp_engine.engine.reshard import SwitchRecord, sync_to_module
+from rlp_engine.engine.reshard import iter_full_params, sync_to_module
 from rlp_engine.models.heads import GaussianEncoder, ScalarHeadModel
 from rlp_engine.models.policy import CausalLMLogprobs, unwrap_lm
 
@@ -252,8 +252,8 @@ class FSDPHandle:
     def offloaded(self, name: str) -> AbstractContextManager:
         return offloaded(self.parts[name], self.optimizer)
 
-    def sync(self, name: str, dst: nn.Module, bucket_mb: float) -> SwitchRecord:
-        return sync_to_module(self.parts[name], dst, bucket_mb=bucket_mb)
+    def full_weights(self, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter_full_params(self.parts[name])  # a collective per tensor when sharded
 
     def load_full_weights(self, name: str, dst: nn.Module) -> None:
         load_full_weights(dst, self.parts[name])

@@ -271,8 +271,11 @@ class Zero3Handle:
     def offloaded(self, name: str) -> AbstractContextManager:
         return nullcontext()  # gathered module by module when synced; nothing to move aside
 
-    def sync(self, name: str, dst: nn.Module, bucket_mb: float) -> reshard.SwitchRecord:
-        return sync_route_to_module(self.parts[name], dst, bucket_mb=bucket_mb)
+    def full_weights(self, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF names (CausalLMLogprobs' "lm." dropped), one module's parameters gathered at a time."""
+        route = self.parts[name]
+        rename = reshard.make_name_map(_lm_names(route))
+        return ((rename(n), t) for n, t in iter_zero3_params(route.module))
 
     def load_full_weights(self, name: str, dst: nn.Module) -> None:
         sync_route_to_module(self.parts[name], dst)
