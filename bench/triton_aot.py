@@ -464,6 +464,8 @@ def stamp(archs) -> dict:
         "triton_version": triton.__version__,
         "ptxas": ", ".join(versions),
         "torch": torch.__version__,
+        # compile_s per kernel is wall time on a shared machine: the load it ran under
+        "loadavg": "/".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
@@ -472,9 +474,8 @@ def section(report: dict) -> str:
     return (
         "## Triton ahead-of-time compile (sm_90, sm_80)\n\n"
         f"{report['date']}, commit {report['commit']}, triton {report['triton_version']} "
-        f"(ptxas {report['ptxas']}), torch {report['torch']}; no GPU: `python bench/triton_aot.py --md`.\n\n"
-        + markdown(report)
-        + "\n"
+        f"(ptxas {report['ptxas']}), torch {report['torch']}, load average {report['loadavg']}; no GPU: "
+        "`python bench/triton_aot.py --md`.\n\n" + markdown(report) + "\n"
     )
 
 
