@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import math
 import os
 import re
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from rlp_engine.op_names import AGG_MODES, KL_KINDS  # the ops' own lists (torch-free module)
+from rlp_engine.config_values import CHOICES, LIMITS, PRESETS  # what each key may hold; presets
 
 
 class ConfigError(ValueError):
@@ -259,106 +258,6 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-
-# Overrides on top of the dataclass defaults ("default" is the defaults themselves).
-PRESETS: dict[str, dict[str, object]] = {
-    "default": {},
-    "tiny": {
-        "model.hidden_size": 32,
-        "model.num_layers": 1,
-        "model.num_heads": 2,
-        "model.intermediate_size": 64,
-        "data.max_operand": 9,
-        "data.num_sft": 200,
-        "data.num_pref": 64,
-        "data.num_unlabeled": 16,
-        "data.num_eval": 16,
-        "sft.steps": 8,
-        "sft.batch_size": 16,
-        "rm.steps": 4,
-        "rm.batch_size": 16,
-        "ppo.steps": 2,
-        "ppo.rollout_batch_size": 8,
-        "ppo.mini_batch_size": 4,
-        "ppo.ppo_epochs": 1,
-        "sample.n": 4,
-        "sample.num_prompts": 8,
-        "uml.steps": 3,
-        "uml.batch_size": 8,
-        "uml.ib_batch_size": 4,
-        "spg.steps": 3,
-        "spg.batch_size": 8,
-        "eval.num_prompts": 16,
-        "eval.samples_per_prompt": 2,
-        "eval.batch_size": 32,
-        "run.log_every": 1,
-        "run.progress": False,
-    },
-}
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.task": ("reverse", "arithmetic", "none"),
-    "data.pref_source": ("policy", "task"),
-    "ppo.kl_kind": KL_KINDS,
-    "ppo.agg": AGG_MODES,
-    "spg.equivalence": ("answer", "final_answer", "exact"),
-    "uml.negatives": ("all", "roll"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "run.backend": ("auto", "torch", "cpp", "triton"),
-    "run.train_backend": ("fsdp2", "deepspeed"),
-    "rollout.backend": ("builtin", "vllm"),
-    "data.long_prompts": ("truncate", "drop", "error"),
-}
-
-_AT_LEAST_1 = (lambda v: v >= 1, "an int >= 1")
-_AT_LEAST_0 = (lambda v: v >= 0, "an int >= 0")
-_POSITIVE = (lambda v: 0 < v < math.inf, "a finite number > 0")
-
-# Numeric keys with a valid range: key -> (test, what a valid value is).
-LIMITS: dict[str, tuple[typing.Callable[[object], bool], str]] = {
-    "ppo.kl_target": (
-        lambda v: v is None or 0 < v < math.inf,
-        "a finite number > 0, or null (fixed kl_coef)",
-    ),
-    "ppo.kl_horizon": _AT_LEAST_1,
-    "rlp.rounds": _AT_LEAST_1,
-    **dict.fromkeys(
-        (
-            "sft.batch_size",
-            "rm.batch_size",
-            "uml.batch_size",
-            "uml.ib_batch_size",
-            "spg.batch_size",
-            "ppo.rollout_batch_size",
-            "ppo.mini_batch_size",
-            "ppo.ppo_epochs",
-            "sample.num_prompts",
-            "eval.num_prompts",
-            "eval.batch_size",
-            "eval.samples_per_prompt",
-            "run.log_every",
-            "run.keep_checkpoints",
-        ),
-        _AT_LEAST_1,
-    ),
-    "sample.n": (lambda v: v >= 2, "an int >= 2 (RLP-UML and RLP-SPG compare responses to one prompt)"),
-    **dict.fromkeys(("sft.lr", "rm.lr", "ppo.lr", "uml.lr", "spg.lr"), _POSITIVE),
-    **dict.fromkeys(
-        (
-            "sft.steps",
-            "rm.steps",
-            "ppo.steps",
-            "uml.steps",
-            "spg.steps",
-            "sft.warmup_steps",
-            "uml.beta_warmup_steps",
-            "run.checkpoint_every",
-            "run.max_nonfinite_steps",
-            "run.threads",
-        ),
-        _AT_LEAST_0,
-    ),
-}
 
 # run.device: what the engine runs on (checked against the machine in load_config).
 DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
