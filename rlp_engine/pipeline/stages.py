@@ -16,6 +16,7 @@ from rlp_engine.data.task import annotate, label_pairs
 from rlp_engine.engine.distributed import rank_and_world
 from rlp_engine.engine.generate import sample
 from rlp_engine.models.heads import GaussianEncoder, ScalarHeadModel
+from rlp_engine.pipeline.arena import arena_stage_names, run_arena
 from rlp_engine.recipes.ppo import ppo
 from rlp_engine.recipes.reward import train_reward_model
 from rlp_engine.recipes.rlp import rlp_spg, rlp_uml, sample_policy
@@ -29,12 +30,19 @@ STAGES = ("sft", "rm", "ppo", "oracle", "uml", "spg", "uml_spg")
 
 
 def stage_names(cfg: TrainConfig) -> set[str]:
+    """The stages run.stages selects: "all" (the RLP pipeline), "arena" (it and every arena method,
+    pipeline/arena.py) or a comma-separated list of names (sft, rm and ppo always run)."""
+    known = STAGES + arena_stage_names()
     if cfg.run.stages == "all":
         return set(STAGES)
+    if cfg.run.stages == "arena":
+        return set(known)
     chosen = {s.strip() for s in cfg.run.stages.split(",") if s.strip()}
-    unknown = chosen - set(STAGES)
+    unknown = chosen - set(known)
     if unknown:
-        raise ConfigError(f"run.stages: unknown stages {sorted(unknown)}; expected a subset of {STAGES}")
+        raise ConfigError(
+            f"run.stages: unknown stages {sorted(unknown)}; expected all, arena or a subset of {known}"
+        )
     return chosen | {"sft", "rm", "ppo"}  # RLP refines the reward model of a PPO run
 
 
@@ -272,4 +280,5 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
         )
     if stages & {"uml", "spg", "uml_spg"}:
         _rlp_stages(run, data, tokenizer, policy, stages, policies, rms, info)
+    run_arena(run, data, tokenizer, policy, stages, policies, rms, info)
     return policies, rms, info
