@@ -141,6 +141,24 @@ class PPOConfig:
 
 
 @dataclass
+class OfflineConfig:
+    """The arena's offline preference methods on D (stages dpo, ipo, simpo): each trains a copy of the
+    SFT policy; DPO and IPO against the SFT policy as reference, SimPO reference-free."""
+
+    steps: int = 300
+    batch_size: int = 64  # pairs per step
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20  # then cosine decay to 10% (as SFT)
+    max_grad_norm: float = 1.0
+    dpo_beta: float = 0.1
+    ipo_beta: float = 0.1  # IPO's tau: the target margin of the summed log-ratios is 1 / (2 tau)
+    simpo_beta: float = 2.0
+    simpo_gamma_beta_ratio: float = 0.5  # SimPO's margin gamma = ratio * beta
+    label_smoothing: float = 0.0  # conservative DPO / SimPO; IPO does not use it
+
+
+@dataclass
 class RolloutConfig:
     """PPO's rollout engine (rlp_engine.engine.rollout): "builtin" (the static-cache generator) or
     "vllm" (a colocated vLLM engine; the optional vllm extra, CUDA and a model.path directory)."""
@@ -250,6 +268,7 @@ class TrainConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     uml: UMLConfig = field(default_factory=UMLConfig)

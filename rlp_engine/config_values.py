@@ -30,6 +30,10 @@ PRESETS: dict[str, dict[str, object]] = {
         "ppo.rollout_batch_size": 8,
         "ppo.mini_batch_size": 4,
         "ppo.ppo_epochs": 1,
+        "offline.steps": 6,
+        "offline.batch_size": 8,
+        "offline.lr": 1e-3,
+        "offline.warmup_steps": 1,
         "sample.n": 4,
         "sample.num_prompts": 8,
         "uml.steps": 3,
@@ -62,6 +66,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 _AT_LEAST_1 = (lambda v: v >= 1, "an int >= 1")
 _AT_LEAST_0 = (lambda v: v >= 0, "an int >= 0")
 _POSITIVE = (lambda v: 0 < v < math.inf, "a finite number > 0")
+_FINITE = (lambda v: math.isfinite(v), "a finite number")
 
 # Numeric keys with a valid range: key -> (test, what a valid value is).
 LIMITS: dict[str, tuple[typing.Callable[[object], bool], str]] = {
@@ -90,6 +95,16 @@ LIMITS: dict[str, tuple[typing.Callable[[object], bool], str]] = {
         ),
         _AT_LEAST_1,
     ),
+    **dict.fromkeys(
+        ("offline.lr", "offline.dpo_beta", "offline.ipo_beta", "offline.simpo_beta", "offline.max_grad_norm"),
+        _POSITIVE,
+    ),
+    "offline.simpo_gamma_beta_ratio": _FINITE,
+    "offline.label_smoothing": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
+    "offline.weight_decay": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "offline.batch_size": _AT_LEAST_1,
+    "offline.steps": _AT_LEAST_0,
+    "offline.warmup_steps": _AT_LEAST_0,
     "sample.n": (lambda v: v >= 2, "an int >= 2 (RLP-UML and RLP-SPG compare responses to one prompt)"),
     **dict.fromkeys(("sft.lr", "rm.lr", "ppo.lr", "uml.lr", "spg.lr"), _POSITIVE),
     **dict.fromkeys(
