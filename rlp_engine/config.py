@@ -159,6 +159,32 @@ class OfflineConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """The arena's critic-free online methods (stages grpo, rloo; recipes/grpo.py): n samples per
+    prompt from the SFT policy against the proxy RM, group-baseline advantages (GRPO: mean and std of
+    the group; RLOO: leave-one-out mean), clipped surrogate + kl_coef * KL to the SFT reference in the
+    loss. Defaults see as many samples per step (16 x 4) and make as many updates (2 epochs x 2) as
+    PPO's 64 prompts."""
+
+    n: int = 4  # group size: samples per prompt
+    prompts_per_step: int = 16
+    steps: int = 30
+    lr: float = 1e-4
+    max_grad_norm: float = 1.0
+    epochs: int = 2
+    mini_batch_size: int = 32  # sequences (prompts_per_step * n rows a step)
+    clip: float = 0.2
+    kl_coef: float = 0.05
+    kl_kind: str = "k3"  # DeepSeekMath's estimator in the loss (algos/grpo.py says why)
+    agg: str = "token-mean"
+    norm_by_std: bool = True  # GRPO only; False: Dr.GRPO's s - mean
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    sync_bucket_mb: float = 64.0
+
+
+@dataclass
 class RolloutConfig:
     """PPO's rollout engine (rlp_engine.engine.rollout): "builtin" (the static-cache generator) or
     "vllm" (a colocated vLLM engine; the optional vllm extra, CUDA and a model.path directory)."""
@@ -269,6 +295,7 @@ class TrainConfig:
     rm: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     uml: UMLConfig = field(default_factory=UMLConfig)
@@ -409,6 +436,12 @@ def check_together(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"ppo.mini_batch_size: {p.mini_batch_size} does not divide ppo.rollout_batch_size "
             f"{p.rollout_batch_size}; every PPO epoch splits the rollout into equal minibatches"
+        )
+    g = cfg.grpo
+    if (g.prompts_per_step * g.n) % g.mini_batch_size:
+        raise ConfigError(
+            f"grpo.mini_batch_size: {g.mini_batch_size} does not divide grpo.prompts_per_step * grpo.n "
+            f"= {g.prompts_per_step * g.n}; every epoch splits the rollout into equal minibatches"
         )
     device = cfg.run.device
     if device.startswith("cuda"):
