@@ -11,14 +11,40 @@ and its recipe under rlp_engine/recipes (see ARCHITECTURE.md, "Adding an algorit
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from rlp_engine.recipes.preference import preference_optimize
 
 if TYPE_CHECKING:
     from rlp_engine.pipeline.run import Run
 
 # stage name -> function(run, data, tokenizer, policy, rms, info) -> {policy name: model}
 METHODS: dict[str, Callable] = {}
+
+
+def _offline_stage(method: str) -> Callable:
+    """The stage `method` ("dpo", "ipo", "simpo"): recipes.preference on D from the SFT `policy`;
+    its policy is reported under the method's name (a finished stage: a copy of `policy` holding its
+    saved weights)."""
+
+    def stage(run: Run, data, tokenizer, policy, rms: dict, info: dict) -> dict:
+        with run.stage(method) as st:
+            if st.done:
+                model = copy.deepcopy(policy)
+            else:
+                cfg = run.cfg
+                model = preference_optimize(
+                    policy, tokenizer, data.preferences, method, cfg.offline, cfg.data, run.context(st)
+                )
+            st.keep({"policy": model}, export=model, tokenizer=tokenizer)
+        return {method: model.eval()}
+
+    return stage
+
+
+METHODS.update({m: _offline_stage(m) for m in ("dpo", "ipo", "simpo")})
 
 
 def arena_stage_names() -> tuple[str, ...]:

@@ -12,6 +12,9 @@ POLICY_NAMES = {
     "rlp_spg": "RLP-SPG",
     "rlp_uml_spg": "RLP-UML+SPG",
     "ppo_oracle": "PPO (oracle: gold reward)",
+    "dpo": "DPO",
+    "ipo": "IPO",
+    "simpo": "SimPO",
 }
 RM_NAMES = {
     "rm": "RM (D only)",
