@@ -15,6 +15,10 @@ import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
+
+from rlp_engine.engine.distributed import rank_and_world
+from rlp_engine.recipes.grpo import grpo
 from rlp_engine.recipes.preference import preference_optimize
 
 if TYPE_CHECKING:
@@ -45,6 +49,41 @@ def _offline_stage(method: str) -> Callable:
 
 
 METHODS.update({m: _offline_stage(m) for m in ("dpo", "ipo", "simpo")})
+
+
+def _online_stage(estimator: str) -> Callable:
+    """The stage `estimator` ("grpo", "rloo"): recipes.grpo from the SFT `policy` against the proxy
+    reward model rms["rm"] on data.prompts (PPO's prompts), cfg.grpo; its policy is reported under
+    the stage's name (a finished stage: a copy of `policy` holding its saved actor)."""
+
+    def stage(run: Run, data, tokenizer, policy, rms: dict, info: dict) -> dict:
+        with run.stage(estimator) as st:
+            if st.done:
+                actor = copy.deepcopy(policy)
+            else:
+                cfg = run.cfg
+                # the rollouts' sampling noise, as PPO's stage: same weights on every rank, own noise
+                torch.manual_seed(cfg.run.seed + rank_and_world()[0])
+                actor = grpo(
+                    policy,
+                    rms["rm"],
+                    tokenizer,
+                    data.prompts,
+                    cfg.grpo,
+                    cfg.data,
+                    run.context(st, log_every=1),  # few, costly iterations: every one logged
+                    estimator=estimator,
+                    gold=run.gold,
+                    rollout_backend=cfg.rollout.backend,
+                    model_path=cfg.model.path,
+                )
+            st.keep({"actor": actor}, export=actor, tokenizer=tokenizer)
+        return {estimator: actor.eval()}
+
+    return stage
+
+
+METHODS.update({m: _online_stage(m) for m in ("grpo", "rloo")})
 
 
 def arena_stage_names() -> tuple[str, ...]:

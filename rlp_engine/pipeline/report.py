@@ -12,6 +12,8 @@ POLICY_NAMES = {
     "rlp_spg": "RLP-SPG",
     "rlp_uml_spg": "RLP-UML+SPG",
     "ppo_oracle": "PPO (oracle: gold reward)",
+    "grpo": "GRPO",
+    "rloo": "RLOO",
     "dpo": "DPO",
     "ipo": "IPO",
     "simpo": "SimPO",
