@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from rlp_engine.config_arena import EnsembleConfig  # arena sections (this file is at 500 lines)
 from rlp_engine.config_values import CHOICES, LIMITS, PRESETS  # what each key may hold; presets
 
 
@@ -296,6 +297,7 @@ class TrainConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     uml: UMLConfig = field(default_factory=UMLConfig)
