@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rlp_engine.engine.distributed import rank_and_world
+from rlp_engine.pipeline.ensemble import ENSEMBLE_METHODS
 from rlp_engine.recipes.grpo import grpo
 from rlp_engine.recipes.preference import preference_optimize
 
@@ -84,6 +85,8 @@ def _online_stage(estimator: str) -> Callable:
 
 
 METHODS.update({m: _online_stage(m) for m in ("grpo", "rloo")})
+# PPO against reward-model ensembles (mean, WCO, UWO) and RLP-SPG on every member (pipeline/ensemble.py)
+METHODS.update(ENSEMBLE_METHODS)
 
 
 def arena_stage_names() -> tuple[str, ...]:

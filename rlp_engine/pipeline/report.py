@@ -17,12 +17,20 @@ POLICY_NAMES = {
     "dpo": "DPO",
     "ipo": "IPO",
     "simpo": "SimPO",
+    "ppo_ens_mean": "PPO (RM ensemble: mean)",
+    "ppo_ens_wco": "PPO (RM ensemble: WCO)",
+    "ppo_ens_uwo": "PPO (RM ensemble: UWO)",
+    "rlp_ens": "RLP-SPG ensemble + PPO (mean)",
 }
 RM_NAMES = {
     "rm": "RM (D only)",
     "rm_uml": "RM RLP-UML",
     "rm_spg": "RM RLP-SPG",
     "rm_uml_spg": "RM RLP-UML+SPG",
+    "rm_ens_mean": "RM ensemble (mean)",
+    "rm_ens_wco": "RM ensemble (WCO)",
+    "rm_ens_uwo": "RM ensemble (UWO)",
+    "rm_rlp_ens": "RM ensemble RLP-SPG (mean)",
 }
 
 
