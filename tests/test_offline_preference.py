@@ -2,8 +2,14 @@
 float64 written out by hand, the recipe on a tiny model, and the stages end to end on the tiny preset."""
 
 import dataclasses
+import hashlib
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +213,39 @@ def test_stages_dpo_ipo_simpo_end_to_end(tmp_path):
     dpo = [r for r in logged if r.get("stage") == "dpo"]
     assert len(dpo) == load_config(preset="tiny").offline.steps
     assert {"loss", "reward_acc", "margin", "chosen_reward", "rejected_reward"} <= set(dpo[-1])
+
+
+def _train(out, *args):
+    """`rlp-engine train` (or tests/fault_runner.py's) as a subprocess on one thread."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+    return res
+
+
+def _outcome(out):
+    """Exported weights of the offline stages (hashes) and their metrics lines."""
+    weights = {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for name in ("dpo", "ipo")
+        for p in sorted((out / "checkpoints" / name).glob("*.safetensors"))
+    }
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return weights, [r for r in lines if r.get("stage") in ("dpo", "ipo")]
+
+
+@pytest.mark.slow  # three CLI processes, ~45 s on one thread
+def test_killed_offline_stage_resumes_to_the_uninterrupted_result(tmp_path):
+    """Killed inside IPO one step after its step-2 checkpoint (DPO finished before): the resumed run
+    loads DPO's weights, continues IPO and ends with the uninterrupted run's weights and metrics."""
+    args = ["train", "--preset", "tiny", "run.stages=dpo,ipo", "run.checkpoint_every=2"]
+    args += ["run.tensorboard=false", "run.threads=1"]
+    base, out = tmp_path / "base", tmp_path / "run"
+    assert _train(base, "-m", "rlp_engine.cli", *args, "--output-dir", str(base)).returncode == 0
+    runner = str(Path(__file__).with_name("fault_runner.py"))
+    first = _train(out, runner, "--kill-at", "ipo:3", "--", *args, "--output-dir", str(out))
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    res = _train(out, "-m", "rlp_engine.cli", "train", "--output-dir", str(out), "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    got, want = _outcome(out), _outcome(base)
+    assert len(want[0]) == 2 and len(want[1]) == 2 * load_config(preset="tiny").offline.steps
+    assert got == want
