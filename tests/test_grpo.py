@@ -192,3 +192,44 @@ def test_tiny_pipeline_runs_both_stages(tmp_path):
     for name in ("grpo", "rloo"):
         assert saved["policies"][name]["proxy_reward"] is not None
         assert (tmp_path / "checkpoints" / name).is_dir()
+
+
+@pytest.mark.slow  # three `rlp-engine train` subprocesses (~60 s on the shared 2-core machine)
+def test_killed_rloo_stage_resumes_to_the_uninterrupted_weights(tmp_path):
+    """SIGKILL inside the rloo stage after its step 3 (checkpoint at 2), `train --resume`: the same
+    exported weights of both stages and the same metrics lines as an uninterrupted run."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = ["--preset", "tiny", "run.stages=grpo,rloo", "grpo.steps=4", "run.checkpoint_every=2"]
+    args += ["run.tensorboard=false", "run.threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runner = str(Path(__file__).with_name("fault_runner.py"))
+
+    def train(out, *pre, resume=False):
+        cmd = [sys.executable, *pre, "train", "--output-dir", str(out), *(["--resume"] if resume else args)]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    def outcome(out):
+        weights = {
+            str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((out / "checkpoints").rglob("*.safetensors"))
+        }
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        lines = [r for r in lines if r.get("stage") == "rloo"]
+        lines = [{k: v for k, v in r.items() if "seconds" not in k} for r in lines]
+        return weights, lines
+
+    base, killed = tmp_path / "base", tmp_path / "killed"
+    assert train(base, "-m", "rlp_engine.cli").returncode == 0
+    first = train(killed, runner, "--kill-at", "rloo:3", "--")
+    assert first.returncode == -9, first.stderr[-2000:]
+    second = train(killed, "-m", "rlp_engine.cli", resume=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    (w0, m0), (w1, m1) = outcome(base), outcome(killed)
+    assert any("grpo" in k for k in w0) and any("rloo" in k for k in w0)
+    assert w0 == w1
+    assert m0 == m1 and len(m0) == 4
