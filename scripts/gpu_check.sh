@@ -2,12 +2,13 @@
 # The prepared GPU check, for the first session that gets an H100/H200 (budget: 8 minutes of device
 # time, steps in priority order, each under its own limit and the whole under GPU_CHECK_BUDGET):
 #   env        the device, torch/triton versions (read-only nvidia-smi query)
-#   import     rlp_engine importable without a build (a symlink overlay: kernels/ -> rlp_engine.kernels)
+#   import     rlp_engine importable without a build (rlp_engine/kernels: a symlink to kernels/)
 #   aot        bench/triton_aot.py on the device's own triton (fused LM-head kernels, sm_90; needs no
 #              GPU, so the dry run runs it too): compare with the CPU machine's table in bench/RESULTS.md
 #   pytest     the gpu-marked tests (pytest -m gpu, in the files that have the marker)
 #   fused      bench/bench_fused_linear.py N=16384 H=4096 V=131072 bf16, with the cuBLAS matmul of the
-#              same shape (and Liger when importable: see --wheels)
+#              same shape (and Liger when importable: see --wheels); then fp32 with IEEE vs tf32
+#              operands (N=4096) and a small N=512 (the SM-count splits)
 #   losses     bench/bench_losses.py, PPO policy + value + KL at 4.2M tokens (512 x 8192)
 #   gae        bench/bench_gae.py, 4.2M tokens (512 x 8192)
 #   logprobs   bench/bench_logprobs.py (its GPU defaults: N=8192 V=131072 bf16)
@@ -20,7 +21,7 @@
 # Usage: scripts/gpu_check.sh [--dry-run] [--wheels DIR]
 #   --dry-run    on any machine (CPU here): every step wired and printed, nothing that needs a GPU run;
 #                checks that each bench flag exists (--help), that pytest collects the gpu tests, and
-#                that the import overlay works.
+#                that the package imports from the checkout.
 #   --wheels DIR pip-install the wheels in DIR first (--no-index --no-deps), e.g. liger-kernel, trl.
 # Environment: PYTHON (default: .venv/bin/python when its torch has CUDA, else python3),
 #   GPU_CHECK_OUT (default: $OUT/gpu_check on the device machine, else a new temporary directory),
@@ -156,22 +157,16 @@ if [ -n "$WHEELS" ]; then
 fi
 
 # --- import: the package without a build --------------------------------------------------------
-# rlp_engine.kernels lives in kernels/ (pyproject's package-dir): an editable install maps it, a plain
-# checkout (the device machine's copy) does not. There a symlink rlp_engine/kernels -> ../kernels,
-# removed on exit, makes the Triton paths run before (and without) the extension build.
-LINKED=0
-if ! "$PY" -c "import rlp_engine.kernels" 2>/dev/null; then
-  ln -s ../kernels rlp_engine/kernels && LINKED=1
-  trap '[ $LINKED = 1 ] && rm -f "$ROOT/rlp_engine/kernels"' EXIT
-  export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-fi
+# rlp_engine/kernels is a committed symlink to the top-level kernels/, so a plain checkout (the device
+# machine's copy) imports the Triton paths from the repo root before (and without) the extension build.
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 step import 30 0 "$PY" -c "import rlp_engine.kernels, rlp_engine.ops, rlp_engine; print(rlp_engine.__file__)"
 
 # --- the checks, most valuable first ----------------------------------------------------------
 GPU_TESTS=$(grep -l "mark.gpu" tests/test_*.py | tr '\n' ' ')
 if [ $DRY = 1 ]; then
   check_flags bench/triton_aot.py --json --only --arch --no-cuda
-  check_flags bench/bench_fused_linear.py --device --n --hidden --vocab
+  check_flags bench/bench_fused_linear.py --device --n --hidden --vocab --dtype --fp32-precision
   check_flags bench/bench_losses.py --device --B --T
   check_flags bench/bench_gae.py --device --B --T --mask-mode
   check_flags bench/bench_logprobs.py --device
@@ -179,18 +174,24 @@ if [ $DRY = 1 ]; then
   # shellcheck disable=SC2086
   step pytest-collect 120 0 "$PY" -m pytest -p no:cacheprovider --collect-only -q -m gpu $GPU_TESTS
 fi
-step aot 60 0 "$PY" bench/triton_aot.py --only fused_linear --arch 90 --no-cuda --json "$OUTDIR/aot_device.json"
+step aot 120 0 "$PY" bench/triton_aot.py --only fused_linear --arch 90 --no-cuda --json "$OUTDIR/aot_device.json"
 # shellcheck disable=SC2086
 step pytest 120 1 "$PY" -m pytest -p no:cacheprovider -q -m gpu $GPU_TESTS
 step fused 90 1 "$PY" bench/bench_fused_linear.py --device cuda --n 16384 --hidden 4096 --vocab 131072
+# the predictions of bench/NOTES.md: tf32 operands for fp32 models (3-5x over IEEE fp32) and vocab
+# splits from the SM count at small N (1.8-2x on the forward at N <= 1024)
+step fused-fp32-ieee 45 1 "$PY" bench/bench_fused_linear.py --device cuda --n 4096 --hidden 4096 --vocab 131072 \
+  --dtype fp32 --fp32-precision ieee
+step fused-fp32-tf32 45 1 "$PY" bench/bench_fused_linear.py --device cuda --n 4096 --hidden 4096 --vocab 131072 \
+  --dtype fp32 --fp32-precision tf32
+step fused-small-n 30 1 "$PY" bench/bench_fused_linear.py --device cuda --n 512 --hidden 4096 --vocab 131072
 step losses 45 1 "$PY" bench/bench_losses.py --device cuda --B 512 --T 8192
 step gae 60 1 "$PY" bench/bench_gae.py --device cuda --B 512 --T 8192 --mask-mode carry
 step logprobs 45 1 "$PY" bench/bench_logprobs.py --device cuda
 step ppo 120 1 "$PY" bench/bench_ppo.py --device cuda --sizes default,large
 
 # --- last: the extension's CUDA build (minutes of nvcc) and its CUDA GAE kernel ------------------
-build_and_test_cuda() {  # the overlay symlink goes first: the editable install maps kernels/ itself
-  rm -f rlp_engine/kernels
+build_and_test_cuda() {
   env -u PYTHONPATH MAX_JOBS="$(nproc)" "$PY" -m pip install -q --no-build-isolation --no-deps -e . &&
     env -u PYTHONPATH "$PY" -m pytest -p no:cacheprovider -q -m gpu tests/test_gae.py -k cuda_kernel_of_the_extension
 }
@@ -200,7 +201,7 @@ step build 240 1 build_and_test_cuda
 {
   echo
   echo "Budget ${BUDGET}s, used $((SECONDS - START))s. Logs: $OUTDIR/<step>.log."
-  for s in fused losses gae logprobs ppo; do
+  for s in fused fused-fp32-ieee fused-fp32-tf32 fused-small-n losses gae logprobs ppo; do
     [ -f "$OUTDIR/$s.log" ] || continue
     echo
     echo "### $s"

@@ -14,7 +14,8 @@ import torch
 from multiproc import run_ranks, run_torchrun
 from tiny import tiny_llama
 
-from rlp_engine.engine import distributed, fsdp, offload
+from rlp_engine.engine import distributed, offload
+from rlp_engine.engine.layout import fsdp
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 
