@@ -116,3 +116,18 @@ def test_failed_run_resumes_to_the_same_weights_and_report(tiny_run, tmp_path):
         main(["train", *ARGS, "--output-dir", str(out)], hook=fail_at("ppo_ens_wco"))
     assert main(["train", "--output-dir", str(out), "--resume"]) == 0
     assert _outcome(out) == _outcome(tiny_run)
+
+
+def test_rlp_ens_alone_trains_the_mean_policy_it_samples_from(tmp_path):
+    args = ["--preset", "tiny", "run.threads=1", "run.tensorboard=false", "run.stages=rlp_ens"]
+    assert main(["train", *args, "--output-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {"ppo_ens_mean", "rlp_ens"} <= set(report["policies"])
+    assert set(report["reward_models"]) == {"rm", "rm_ens_mean", "rm_rlp_ens"}
+    k = load_config(preset="tiny").ensemble.k
+    stages = list(report["stage_seconds"])
+    refined = [f"rm_ens_spg_m{i}" for i in range(k)]
+    assert stages[stages.index("ppo_ens_mean") + 1 :] == ["sample_ens", *refined, "ppo_rlp_ens", "eval"]
+    assert len(report["ensemble_spg"]) == k
+    row = report["policies"]["rlp_ens"]
+    assert row["proxy_reward"] == row["proxy_reward_by_rm"]["rm_rlp_ens"]
