@@ -23,6 +23,9 @@ SPMD program over the N ranks; rank 0 writes the outputs and prints the summary.
 `eval`/`sample --policy RUN_DIR/checkpoints/<stage>` use RUN_DIR/config.yaml (the task, lengths and
 eval prompts the run trained with) unless --config or --preset is given; overrides apply on top.
 A command whose optional packages are missing says which and how to install them, exit 2.
+The metrics lines are `logging` records of the "rlp_engine" logger (INFO) that the command prints to
+stdout; progress bars (training, sampling, evaluation) go to stderr when it is a terminal and
+run.progress is true.
 """
 
 from __future__ import annotations
@@ -291,7 +294,8 @@ def _eval(args, cfg) -> int:
     data = build_data(cfg.data, seed=cfg.run.seed)
     tokenizer, policy, rm = _load_saved(args, cfg)
     rms = {"rm": rm} if rm is not None else {}
-    ev = evaluate_policy(policy, tokenizer, data.eval_prompts, cfg.eval, cfg.data, rms, data.gold)
+    bar = cfg.run.progress
+    ev = evaluate_policy(policy, tokenizer, data.eval_prompts, cfg.eval, cfg.data, rms, data.gold, None, bar)
     print(json.dumps(ev.summary(), indent=2))
     return 0
 
@@ -302,7 +306,7 @@ def _sample(args, cfg) -> int:
 
     tokenizer, policy, _ = _load_saved(args, cfg)
     prompts = args.prompt or build_data(cfg.data, seed=cfg.run.seed).eval_prompts[:8]
-    s = sample(policy, tokenizer, prompts, cfg.eval, cfg.data, n=args.n)
+    s = sample(policy, tokenizer, prompts, cfg.eval, cfg.data, n=args.n, show_progress=cfg.run.progress)
     for p, r in zip(s.prompts, s.responses):
         print(json.dumps({"prompt": p, "response": r}))
     return 0
@@ -312,6 +316,9 @@ def main(argv=None, *, hook: Hook | None = None) -> int:
     """The command line `argv` (default sys.argv[1:]) -> exit code. `hook`: passed to `train`'s
     run_pipeline (engine/checkpoint.py's `Hook`: the tests' fault injection, tests/fault_runner.py)."""
     args = _parser().parse_args(argv)
+    from rlp_engine.engine.console import log_to_console
+
+    log_to_console()  # the library logs its metrics lines (logging, INFO); the command prints them
     if not getattr(args, "print_config", False):
         # Before any work: without this, train stopped at its very end (the plot needs matplotlib).
         missing = [name for name in NEEDS[args.command] if importlib.util.find_spec(name) is None]

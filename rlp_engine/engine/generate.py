@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from rlp_engine.data.batch import SeqBatch, encode_prompts, join, pad_left
+from rlp_engine.engine.console import progress
 from rlp_engine.engine.generator import GenerationOutput, Generator, SamplingConfig
 
 
@@ -80,6 +81,8 @@ def sample(
     n: int = 1,
     batch_size: int = 256,
     cache: GeneratorCache | None = None,
+    show_progress: bool = False,
+    desc: str = "sampling",
 ) -> Samples:
     """`n` responses for each prompt (rows ordered prompt-major: prompt i's samples at i*n .. i*n+n-1)
     from the built-in generator over `model` (in eval mode for the call, its mode restored after).
@@ -87,6 +90,8 @@ def sample(
     cfg: anything with temperature, top_k, top_p (PPOConfig, SampleConfig, EvalConfig).
     data_cfg: DataConfig (max_prompt_tokens, max_response_tokens, chat_template).
     cache: a GeneratorCache of `model` to reuse across calls; None builds a Generator for this call.
+    show_progress: a progress bar `desc` over the prompt chunks (engine.console.progress: stderr,
+    only on a terminal); the samples and the RNG draws are the same either way.
     """
     if cache is None:
         cache = GeneratorCache(model)
@@ -95,14 +100,33 @@ def sample(
     was_training = model.training
     model.eval()
     try:
-        return sample_with(cache.generate, tokenizer, prompts, cfg, data_cfg, n=n, batch_size=batch_size)
+        return sample_with(
+            cache.generate,
+            tokenizer,
+            prompts,
+            cfg,
+            data_cfg,
+            n=n,
+            batch_size=batch_size,
+            show_progress=show_progress,
+            desc=desc,
+        )
     finally:
         model.train(was_training)
 
 
 @torch.no_grad()
 def sample_with(
-    generate, tokenizer, prompts: list[str], cfg, data_cfg, *, n: int = 1, batch_size: int = 256
+    generate,
+    tokenizer,
+    prompts: list[str],
+    cfg,
+    data_cfg,
+    *,
+    n: int = 1,
+    batch_size: int = 256,
+    show_progress: bool = False,
+    desc: str = "sampling",
 ) -> Samples:
     """As `sample`, through generate(ids, mask, sampling, max_len) -> GenerationOutput: (B, P)
     left-padded prompt chunks of at most batch_size rows; max_len = longest prompt + response."""
@@ -112,7 +136,7 @@ def sample_with(
     max_len = max(map(len, encoded)) + max_new if encoded else max_new + 1
     sampling = sampling_config(cfg, tokenizer, max_new)
     chunks = []
-    for i in range(0, len(encoded), batch_size):
+    for i in progress(range(0, len(encoded), batch_size), desc=desc, enabled=show_progress):
         ids, mask = pad_left(encoded[i : i + batch_size], tokenizer.pad_token_id)
         out = generate(ids, mask, sampling, max_len)
         # the generator already pads after the first eos and zeroes log-probs off the mask

@@ -1,12 +1,18 @@
 """Metrics: JSONL lines (and TensorBoard scalars when the package is present), the curves kept in
 memory for the report's plot, per-phase token throughput (generation, scoring, training), and
-`masked_stats` (mean, std, min, max of a masked tensor, for rewards, advantages, returns, values)."""
+`masked_stats` (mean, std, min, max of a masked tensor, for rewards, advantages, returns, values).
+
+Console output goes through the standard `logging` module: `MetricsLogger(console=True)` logs each
+step's `console_line` at INFO on the "rlp_engine.engine.metrics" logger. The library adds no handler
+(rlp_engine/__init__.py attaches a NullHandler, so nothing prints unless the application asks);
+the CLI calls engine.console.log_to_console, which prints rlp_engine's INFO records to stdout as
+bare lines, above any tqdm bar."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -14,7 +20,10 @@ from pathlib import Path
 
 import torch
 
+from rlp_engine.engine.console import progress  # noqa: F401  (re-exported: the recipes' bars)
 from rlp_engine.engine.distributed import comm_device, mean_over_ranks, rank_and_world
+
+log = logging.getLogger(__name__)
 
 
 def to_float(value) -> float:
@@ -100,7 +109,8 @@ def console_line(stage: str, step: int, values: dict[str, float]) -> str:
 class MetricsLogger:
     """`log(stage, step, {name: value})` appends a JSON line `{"stage", "step", name: value, ...}` to
     DIR/metrics.jsonl, writes TensorBoard scalars `stage/name` under DIR/tb, and keeps the curves;
-    with `console` it also prints `console_line` (the key metrics) to stdout.
+    with `console` it also logs `console_line` (the key metrics) at INFO through `logging` (the CLI
+    prints those records to stdout: engine.console.log_to_console).
     With `out_dir=None` it only keeps the curves (for the Python API and tests).
     Under torchrun every rank calls `log` at the same steps: the values are averaged over ranks
     (one all-reduce) and only the logger given an out_dir (rank 0's) writes them."""
@@ -132,8 +142,8 @@ class MetricsLogger:
         if self._file is not None:
             self._file.write(json.dumps({"stage": stage, "step": step, **values}) + "\n")
             self._file.flush()
-        if self.console:
-            _write_line(console_line(stage, step, values))
+        if self.console and log.isEnabledFor(logging.INFO):
+            log.info(console_line(stage, step, values))
         return values
 
     def replay(self, records: list[dict]) -> None:
@@ -197,25 +207,3 @@ class Throughput:
             }
             for name in self.seconds
         }
-
-
-def _write_line(line: str) -> None:
-    """Print `line` above any tqdm progress bar (plain print without tqdm)."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        print(line, flush=True)
-        return
-    tqdm.write(line)
-    sys.stdout.flush()  # a pipe (a log file, a supervising process) sees each step as it ends
-
-
-def progress(iterable, *, desc: str, enabled: bool, total: int | None = None):
-    """tqdm over `iterable` when enabled (and tqdm is installed), else the iterable itself."""
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=desc, total=total, dynamic_ncols=True, leave=False)

@@ -95,13 +95,31 @@ def _seeded(model, seed: int | None):
 
 
 def sample_policy(
-    policy, tokenizer, prompts, eval_cfg, data_cfg, gold=None, seed: int | None = None
+    policy,
+    tokenizer,
+    prompts,
+    eval_cfg,
+    data_cfg,
+    gold=None,
+    seed: int | None = None,
+    show_progress: bool = False,
+    desc: str = "eval",
 ) -> PolicyEval:
     """One sample() call: eval_cfg.samples_per_prompt responses per prompt, gold-scored. -> PolicyEval
-    (proxy rewards left empty)."""
+    (proxy rewards left empty). show_progress: a bar `desc` over the prompt chunks (same samples)."""
     n = eval_cfg.samples_per_prompt
     with _seeded(policy, seed):
-        s = sample(policy, tokenizer, prompts, eval_cfg, data_cfg, n=n, batch_size=eval_cfg.batch_size)
+        s = sample(
+            policy,
+            tokenizer,
+            prompts,
+            eval_cfg,
+            data_cfg,
+            n=n,
+            batch_size=eval_cfg.batch_size,
+            show_progress=show_progress,
+            desc=desc,
+        )
     scores = None if gold is None else [float(gold(p, r)) for p, r in zip(s.prompts, s.responses)]
     tokens = float(s.batch.response_mask.sum(-1).mean())
     return PolicyEval(s.prompts, s.responses, scores, {}, tokens, n)
@@ -132,10 +150,12 @@ def evaluate_policy(
     reward_models: dict,
     gold=None,
     seed: int | None = None,
+    show_progress: bool = False,
 ) -> PolicyEval:
-    """Sample eval_cfg.samples_per_prompt responses per prompt; gold and proxy scores. -> PolicyEval"""
+    """Sample eval_cfg.samples_per_prompt responses per prompt; gold and proxy scores. -> PolicyEval
+    show_progress: an "eval" bar over the sampling's prompt chunks."""
     prompts = eval_prompts[: eval_cfg.num_prompts]
-    ev = sample_policy(policy, tokenizer, prompts, eval_cfg, data_cfg, gold, seed)
+    ev = sample_policy(policy, tokenizer, prompts, eval_cfg, data_cfg, gold, seed, show_progress)
     _add_proxy(
         ev,
         _score_table(reward_models, tokenizer, zip(ev.prompts, ev.responses), data_cfg, eval_cfg.batch_size),
@@ -344,6 +364,7 @@ def evaluate_policies(
     paired_against: dict[str, str] | None = None,
     heldout_pairs: list[Preference] | None = None,
     seed: int = 0,
+    show_progress: bool = False,
 ) -> dict:
     """Evaluate every policy and reward model on eval_prompts[:eval_cfg.num_prompts]. -> JSON-able dict
 
@@ -357,6 +378,7 @@ def evaluate_policies(
     baseline / paired_against: paired differences "diff_vs_<baseline>" for every other policy, and
     "diff_vs_<other>" for each policy -> other given; names absent from `policies` are skipped.
     heldout_pairs: preference pairs on held-out prompts for each RM's offline accuracy.
+    show_progress: an "eval <policy>" bar over each policy's sampling (the figures are the same).
 
     Returns {"policies", "reward_models", "reference", "eval"}; every figure "x" comes with "x_se"
     (NaN and unmeasured figures are None). See the module docstring for what each one is.
@@ -364,7 +386,9 @@ def evaluate_policies(
     prompts = list(eval_prompts[: eval_cfg.num_prompts])
     _check_inputs(policies, prompts, eval_cfg, gold, reference, annotate, heldout_pairs)
     evals = {
-        name: sample_policy(pol, tokenizer, prompts, eval_cfg, data_cfg, gold, seed)
+        name: sample_policy(
+            pol, tokenizer, prompts, eval_cfg, data_cfg, gold, seed, show_progress, desc=f"eval {name}"
+        )
         for name, pol in policies.items()
     }
     keys = [k for ev in evals.values() for k in zip(ev.prompts, ev.responses)]
@@ -435,4 +459,5 @@ def evaluate_all(run, data: TaskData, tokenizer, policies: dict, rms: dict) -> d
         paired_against={name: "ppo" for name in policies if name not in ("sft", "ppo")},
         heldout_pairs=run.heldout_pairs or None,
         seed=cfg.run.seed,
+        show_progress=cfg.run.progress,
     )

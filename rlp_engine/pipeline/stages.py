@@ -49,7 +49,17 @@ def stage_names(cfg: TrainConfig) -> set[str]:
 def _sample_pairs(run, policy, tokenizer, prompts: list[str], n: int) -> list[list[str]]:
     """`n` samples of `policy` per prompt (run.cfg.sample's temperature), grouped per prompt."""
     cfg = run.cfg
-    s = sample(policy, tokenizer, prompts, cfg.sample, cfg.data, n=n, batch_size=cfg.eval.batch_size)
+    s = sample(
+        policy,
+        tokenizer,
+        prompts,
+        cfg.sample,
+        cfg.data,
+        n=n,
+        batch_size=cfg.eval.batch_size,
+        show_progress=cfg.run.progress,
+        desc=f"pref n={n}",
+    )
     return [s.responses[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
@@ -147,7 +157,13 @@ def _sample_stage(run: Run, name: str, policy, tokenizer, prompts: list[str]):
         samples = None
         if not st.done:
             samples = sample_policy(
-                policy, tokenizer, prompts[: cfg.sample.num_prompts], cfg.sample, cfg.data, run.throughput
+                policy,
+                tokenizer,
+                prompts[: cfg.sample.num_prompts],
+                cfg.sample,
+                cfg.data,
+                run.throughput,
+                show_progress=cfg.run.progress,
             )
         return st.keep({}, {"samples": samples})["samples"]
 

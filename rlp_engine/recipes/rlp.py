@@ -34,15 +34,19 @@ from rlp_engine.recipes.reward import AuxLoss, train_reward_model
 from rlp_engine.recipes.scaffold import Optim, TrainContext
 
 
-def sample_policy(policy, tokenizer, prompts: list[str], cfg, data_cfg, throughput=None) -> PolicySamples:
+def sample_policy(
+    policy, tokenizer, prompts: list[str], cfg, data_cfg, throughput=None, show_progress: bool = False
+) -> PolicySamples:
     """cfg.n responses per prompt from `policy` (cfg: SampleConfig: n, temperature, top_k, top_p).
-    Under torchrun each rank samples its contiguous share of the prompts and every rank gets all."""
+    Under torchrun each rank samples its contiguous share of the prompts and every rank gets all.
+    show_progress: a "sample P" bar over the prompt chunks (same samples either way)."""
     local = shard(prompts)
+    bar = {"show_progress": show_progress, "desc": "sample P"}
     if throughput is None:
-        s = sample(policy, tokenizer, local, cfg, data_cfg, n=cfg.n)
+        s = sample(policy, tokenizer, local, cfg, data_cfg, n=cfg.n, **bar)
     else:
         with throughput.phase("generation") as rec:
-            s = sample(policy, tokenizer, local, cfg, data_cfg, n=cfg.n)
+            s = sample(policy, tokenizer, local, cfg, data_cfg, n=cfg.n, **bar)
             rec["tokens"] = int(s.batch.response_mask.sum())
     n = cfg.n
     responses = gather_lists([s.responses[i * n : (i + 1) * n] for i in range(len(local))])
