@@ -22,23 +22,26 @@ from rlp_engine.pipeline.evaluate import evaluate_policies
 from rlp_engine.recipes.rlp import sample_policy
 
 LIB = logging.getLogger("rlp_engine")
+METRICS = logging.getLogger("rlp_engine.engine.metrics")
 
 
 @pytest.fixture
 def no_console_handler():
-    """The "rlp_engine" logger as a library user finds it (no ConsoleHandler, no level: NOTSET),
-    restored after the test (the CLI tests in this process may have configured it)."""
-    saved, level = list(LIB.handlers), LIB.level
+    """The "rlp_engine" loggers as a library user finds them (no ConsoleHandler, levels NOTSET),
+    restored after the test (the CLI tests in this process may have configured them)."""
+    saved, levels = list(LIB.handlers), (LIB.level, METRICS.level)
     for h in saved:
         if isinstance(h, ConsoleHandler):
             LIB.removeHandler(h)
     LIB.setLevel(logging.NOTSET)
+    METRICS.setLevel(logging.NOTSET)
     yield
     for h in list(LIB.handlers):
         LIB.removeHandler(h)
     for h in saved:
         LIB.addHandler(h)
-    LIB.setLevel(level)
+    LIB.setLevel(levels[0])
+    METRICS.setLevel(levels[1])
 
 
 def test_metrics_line_is_a_logging_record_and_prints_nothing_without_a_handler(
@@ -66,8 +69,14 @@ def test_log_to_console_prints_each_record_once_on_stdout(tmp_path, capsys, no_c
     assert log_to_console() is first  # the CLI's main() may run many times in one process
     logger = MetricsLogger(None, console=True)
     logger.log("rm", 3, {"loss": 0.75, "acc": 0.5, "grad_norm": 1.0})
-    logging.getLogger("rlp_engine.engine.metrics").debug("below INFO: not printed")
-    assert capsys.readouterr().out == "{'stage': 'rm', 'step': 3, 'loss': 0.75, 'acc': 0.5}\n"
+    METRICS.debug("below INFO: not printed")
+    # other modules' INFO diagnostics stay off (the CLI printed none before); their warnings go to
+    # stderr, where they went before the package had a handler
+    logging.getLogger("rlp_engine.engine").info("weight sync: not printed")
+    logging.getLogger("rlp_engine.engine").warning("a warning")
+    got = capsys.readouterr()
+    assert got.out == "{'stage': 'rm', 'step': 3, 'loss': 0.75, 'acc': 0.5}\n"
+    assert got.err == "a warning\n"
 
 
 class FakeTerminal(io.StringIO):

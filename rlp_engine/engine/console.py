@@ -19,24 +19,37 @@ def _write_line(line: str) -> None:
     sys.stdout.flush()  # a pipe (a log file, a supervising process) sees each step as it ends
 
 
+# The loggers whose INFO records the CLI prints: the metrics lines. Other rlp_engine loggers keep
+# their level (their INFO diagnostics, e.g. rlp_engine.engine's offload and weight-sync records, stay
+# off unless the user turns them on).
+CONSOLE_LOGGERS = ("rlp_engine.engine.metrics",)
+
+
 class ConsoleHandler(logging.Handler):
-    """A logging handler that prints each record's formatted message as one line on stdout (the
-    current sys.stdout at each record, so redirections and pytest's capture see it), through
-    `_write_line`: above an active tqdm bar instead of through it."""
+    """A logging handler that prints each record's formatted message as one line: INFO and below on
+    stdout through `_write_line` (above an active tqdm bar, not through it), WARNING and above on
+    stderr (where logging's last-resort handler put them before the package had a handler). The
+    stream is looked up at each record, so redirections and pytest's capture see it."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            _write_line(self.format(record))
+            line = self.format(record)
+            if record.levelno >= logging.WARNING:
+                print(line, file=sys.stderr, flush=True)
+            else:
+                _write_line(line)
         except Exception:  # logging's contract: a failing handler reports, never raises
             self.handleError(record)
 
 
 def log_to_console(level: int = logging.INFO) -> logging.Handler:
-    """Print the "rlp_engine" logger's records at `level` and above to stdout as bare messages
-    (what the CLI shows: the metrics lines). Idempotent: a second call in one process returns the
-    handler the first added instead of adding another (no doubled lines)."""
+    """What the CLI shows: the CONSOLE_LOGGERS' records at `level` and above, and any rlp_engine
+    logger's warnings, printed as bare messages (ConsoleHandler on the "rlp_engine" logger).
+    Idempotent: a second call in one process returns the handler the first added instead of adding
+    another (no doubled lines)."""
+    for name in CONSOLE_LOGGERS:
+        logging.getLogger(name).setLevel(level)
     root = logging.getLogger("rlp_engine")
-    root.setLevel(level)
     for handler in root.handlers:
         if isinstance(handler, ConsoleHandler):
             return handler
