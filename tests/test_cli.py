@@ -69,14 +69,16 @@ def test_console_line_shows_the_key_metrics_present(tmp_path, capsys):
     records themselves, and that the library alone prints nothing)."""
     values = {"loss": 0.123456, "grad_norm": 3.0, "score": -1.23456e-5, "kl": 2.0, "gold": 0.5, "lr": 1e-3}
     assert console_line("ppo", 7, values) == (
-        "{'stage': 'ppo', 'step': 7, 'loss': 0.1235, 'score': -1.235e-05, 'kl': 2.0, 'gold': 0.5}"
+        "{'stage': 'ppo', 'step': 7, 'loss': 0.1235, 'score': -1.235e-05, 'kl': 2.0, 'gold': 0.5, "
+        "'grad_norm': 3.0}"
     )
     assert console_line("sft", 0, {"lr": 0.1}) == "{'stage': 'sft', 'step': 0}"
     assert main(["train", "--output-dir", str(tmp_path / "run"), "--print-config"]) == 0  # sets up stdout
     capsys.readouterr()
     logger = MetricsLogger(tmp_path, console=True)
     logger.log("rm", 3, {"loss": torch.tensor(0.75), "acc": 0.5, "grad_norm": 1.0})
-    assert capsys.readouterr().out == "{'stage': 'rm', 'step': 3, 'loss': 0.75, 'acc': 0.5}\n"
+    want = "{'stage': 'rm', 'step': 3, 'loss': 0.75, 'acc': 0.5, 'grad_norm': 1.0}\n"
+    assert capsys.readouterr().out == want
     MetricsLogger(tmp_path / "quiet").log("rm", 3, {"loss": 0.75})  # console off: the default
     logger.replay([{"stage": "rm", "step": 4, "loss": 0.5}])  # replayed lines (resume) are not printed
     assert capsys.readouterr().out == ""

@@ -75,7 +75,7 @@ def test_log_to_console_prints_each_record_once_on_stdout(tmp_path, capsys, no_c
     logging.getLogger("rlp_engine.engine").info("weight sync: not printed")
     logging.getLogger("rlp_engine.engine").warning("a warning")
     got = capsys.readouterr()
-    assert got.out == "{'stage': 'rm', 'step': 3, 'loss': 0.75, 'acc': 0.5}\n"
+    assert got.out == "{'stage': 'rm', 'step': 3, 'loss': 0.75, 'acc': 0.5, 'grad_norm': 1.0}\n"
     assert got.err == "a warning\n"
 
 

@@ -96,7 +96,7 @@ def _all_reduce_on(device: torch.device, t: torch.Tensor, op: str) -> torch.Tens
 
 
 # What `MetricsLogger(console=True)` prints of each logged step, when present.
-CONSOLE_KEYS = ("loss", "acc", "score", "kl", "gold")
+CONSOLE_KEYS = ("loss", "acc", "score", "kl", "gold", "grad_norm")
 
 
 def console_line(stage: str, step: int, values: dict[str, float]) -> str:
