@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rlp_engine.algos.ensemble import EnsembleScorer, standardisation
-from rlp_engine.algos.reward import score_texts
+from rlp_engine.algos.reward import preference_accuracy, score_texts
 from rlp_engine.recipes.reward import train_reward_model
 from rlp_engine.recipes.rlp import rlp_spg
 from rlp_engine.recipes.scaffold import Optim
@@ -73,6 +73,8 @@ def _member_stage(run: Run, data, tokenizer, policy, i: int) -> tuple[torch.nn.M
             shift, scale = _normaliser(run, rm, tokenizer, data.preferences)
             stats = {"seed": seed, "shift": shift, "scale": scale, "train_acc": last.get("acc")}
             stats["distinct_pairs"] = len({id(p) for p in pairs})
+            if run.heldout_pairs:  # the member alone, beside the ensemble's rows in the report
+                stats["heldout_acc"] = preference_accuracy(rm, tokenizer, run.heldout_pairs, cfg.data)
         rm.eval().requires_grad_(False)
         out = st.keep({"rm": rm}, {"stats": stats}, rm, tokenizer)
     return rm, out["stats"]
