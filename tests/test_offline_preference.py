@@ -149,10 +149,12 @@ def test_preference_metrics_hand_worked():
 
 
 def test_method_settings_and_config():
-    cfg = load_config(overrides=["offline.label_smoothing=0.1", "offline.ipo_beta=0.3"]).offline
-    assert method_settings("dpo", cfg) == {"beta": 0.1, "label_smoothing": 0.1}
+    keys = ["label_smoothing=0.1", "dpo_beta=0.2", "ipo_beta=0.3", "simpo_beta=3"]
+    keys += ["simpo_gamma_beta_ratio=0.7"]
+    cfg = load_config(overrides=[f"offline.{k}" for k in keys]).offline
+    assert method_settings("dpo", cfg) == {"beta": 0.2, "label_smoothing": 0.1}
     assert method_settings("ipo", cfg) == {"beta": 0.3}  # IPO does not smooth
-    assert method_settings("simpo", cfg) == {"beta": 2.0, "gamma_beta_ratio": 0.5, "label_smoothing": 0.1}
+    assert method_settings("simpo", cfg) == {"beta": 3.0, "gamma_beta_ratio": 0.7, "label_smoothing": 0.1}
     with pytest.raises(ValueError, match="method"):
         method_settings("orpo", cfg)
     for bad in ("offline.dpo_beta=0", "offline.label_smoothing=0.5", "offline.batch_size=0"):
