@@ -12,6 +12,8 @@ from rlp_engine.op_names import AGG_MODES, KL_KINDS  # the ops' own lists (torch
 # Overrides on top of the dataclass defaults ("default" is the defaults themselves).
 PRESETS: dict[str, dict[str, object]] = {
     "default": {},
+    # the RLP pipeline and every arena method (pipeline/arena.py) at the default size, one report
+    "arena": {"run.stages": "arena"},
     "tiny": {
         "model.hidden_size": 32,
         "model.num_layers": 1,
