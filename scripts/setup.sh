@@ -22,8 +22,10 @@ extras=${RLP_EXTRAS:-dev,train,deepspeed}
 # transformers and deepspeed pins, none of which their loss modules use; the tests load those modules
 # with stubs for the unrelated imports (tests/test_compat_peers.py). omegaconf is verl's config type,
 # accelerate (+ psutil) an import of TRL's utils. verl's and OpenRLHF's wheels also install their test
-# files as top-level `tests` and `scripts` packages in site-packages. RLP_PEERS=0 skips this.
+# files as top-level `tests` and `scripts` packages in site-packages. Liger-Kernel (pure Python over
+# triton) is what tests/test_fused_preference.py compares the fused DPO/SimPO ops with. RLP_PEERS=0
+# skips this.
 if [ "${RLP_PEERS:-1}" = 1 ]; then
   .venv/bin/python -m pip install -q --no-deps \
-    verl==0.9.1 trl==1.12.0 openrlhf==0.11.2 omegaconf==2.4.0 accelerate==1.16.0 psutil
+    verl==0.9.1 trl==1.12.0 openrlhf==0.11.2 omegaconf==2.4.0 accelerate==1.16.0 psutil liger-kernel==0.8.5
 fi
