@@ -26,7 +26,7 @@ from rlp_engine.engine.metrics import Throughput, masked_stats, to_float
 from rlp_engine.engine.rollout import make_rollout
 from rlp_engine.models.heads import ScalarHeadModel
 from rlp_engine.models.policy import response_logprobs
-from rlp_engine.recipes.scaffold import TrainContext, run_loop
+from rlp_engine.recipes.scaffold import TrainContext, minibatch_updates, run_loop
 
 
 @dataclass
@@ -131,30 +131,20 @@ def grpo_losses(state: GRPOState, exp: GroupExperience, idx: torch.Tensor) -> tu
 def train_on_groups(
     state: GRPOState, exp: GroupExperience, throughput: Throughput, step: int = 0
 ) -> dict[str, float]:
-    """cfg.epochs passes over `exp` in shuffled minibatches of sequences; metrics averaged over the
-    applied updates (a non-finite one is skipped by the guard and left out)."""
+    """cfg.epochs passes over `exp` in shuffled minibatches of sequences (scaffold.minibatch_updates);
+    metrics averaged over the applied updates."""
     cfg = state.cfg
-    n = len(exp.batch)
-    mini = max(cfg.mini_batch_size // rank_and_world()[1], 1)  # this rank's share of a minibatch
-    sums: dict[str, float] = {}
-    count = skipped = 0
-    with throughput.phase("training") as rec:
-        for _ in range(cfg.epochs):
-            perm = torch.randperm(n, generator=state.generator)
-            for start in range(0, n, mini):
-                idx = perm[start : start + mini].to(exp.batch.input_ids.device)
-                loss, metrics = grpo_losses(state, exp, idx)
-                applied, grad_norm = state.handle.step(loss, guard=state.guard, step=step)
-                rec["tokens"] += int(exp.batch.attention_mask[idx].sum())
-                if not applied:
-                    skipped += 1
-                    continue
-                for k, v in {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + to_float(v)
-                count += 1
-    out = {k: v / max(count, 1) for k, v in sums.items()}
-    out.update(skipped_updates=float(skipped), nonfinite_steps=float(state.guard.count))
-    return out
+    return minibatch_updates(
+        state.handle,
+        state.guard,
+        lambda idx: grpo_losses(state, exp, idx),
+        exp.batch.attention_mask,
+        epochs=cfg.epochs,
+        mini=max(cfg.mini_batch_size // rank_and_world()[1], 1),  # this rank's share of a minibatch
+        generator=state.generator,
+        throughput=throughput,
+        step=step,
+    )
 
 
 def grpo_step(

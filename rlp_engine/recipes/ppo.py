@@ -34,7 +34,7 @@ from rlp_engine.engine.metrics import Throughput, masked_stats, to_float
 from rlp_engine.engine.rollout import make_rollout
 from rlp_engine.models.heads import ScalarHeadModel
 from rlp_engine.models.policy import response_logprobs
-from rlp_engine.recipes.scaffold import TrainContext, run_loop
+from rlp_engine.recipes.scaffold import TrainContext, minibatch_updates, run_loop
 
 
 @dataclass
@@ -201,35 +201,20 @@ def ppo_losses(state: PPOState, exp: Experience, idx: torch.Tensor) -> tuple[tor
 def train_on_experience(
     state: PPOState, exp: Experience, throughput: Throughput, step: int = 0
 ) -> dict[str, float]:
-    """cfg.ppo_epochs passes over `exp` in shuffled minibatches; metrics averaged over the applied
-    minibatch updates (a non-finite one is skipped by the guard and left out of the averages)."""
+    """cfg.ppo_epochs passes over `exp` in shuffled minibatches (scaffold.minibatch_updates); metrics
+    averaged over the applied minibatch updates."""
     cfg = state.cfg
-    n = len(exp.batch)
-    mini = cfg.mini_batch_size // rank_and_world()[1]  # this rank's share of each global minibatch
-    sums: dict[str, float] = {}
-    count = skipped = 0
-    grad_norm_max = 0.0
-    with throughput.phase("training") as rec:
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(n, generator=state.generator)
-            for start in range(0, n, mini):
-                idx = perm[start : start + mini].to(exp.batch.input_ids.device)
-                loss, metrics = ppo_losses(state, exp, idx)
-                applied, grad_norm = state.handle.step(loss, guard=state.guard, step=step)
-                rec["tokens"] += int(exp.batch.attention_mask[idx].sum())
-                if not applied:
-                    skipped += 1
-                    continue
-                grad_norm_max = max(grad_norm_max, float(grad_norm))
-                metrics = {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + to_float(v)
-                count += 1
-    out = {k: v / max(count, 1) for k, v in sums.items()}
-    out.update(
-        grad_norm_max=grad_norm_max, skipped_updates=float(skipped), nonfinite_steps=float(state.guard.count)
+    return minibatch_updates(
+        state.handle,
+        state.guard,
+        lambda idx: ppo_losses(state, exp, idx),
+        exp.batch.attention_mask,
+        epochs=cfg.ppo_epochs,
+        mini=cfg.mini_batch_size // rank_and_world()[1],  # this rank's share of each global minibatch
+        generator=state.generator,
+        throughput=throughput,
+        step=step,
     )
-    return out
 
 
 def rollout_stats(exp: Experience) -> dict[str, float]:

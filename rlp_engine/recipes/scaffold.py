@@ -15,10 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from rlp_engine.engine.checkpoint import LoopCheckpoint
 from rlp_engine.engine.guards import NonFiniteGuard
 from rlp_engine.engine.layout import TrainHandle
-from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress
+from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress, to_float
 
 
 @dataclass
@@ -79,3 +81,46 @@ def run_loop(
         if ctx.ckpt:
             ctx.ckpt.step_done(step + 1, steps, state)
     return last
+
+
+def minibatch_updates(
+    handle: TrainHandle,
+    guard: NonFiniteGuard,
+    loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict]],
+    attention_mask: torch.Tensor,
+    *,
+    epochs: int,
+    mini: int,
+    generator: torch.Generator,
+    throughput: Throughput,
+    step: int = 0,
+) -> dict[str, float]:
+    """`epochs` passes over the rows of a rollout (attention_mask [N, T]) in minibatches of `mini` rows,
+    shuffled by `generator` each epoch: loss_fn(idx) -> (loss, metrics), then handle.step. Returns
+    the metrics (loss, grad_norm and loss_fn's) averaged over the applied updates (a non-finite one is
+    skipped by the guard and left out), grad_norm_max, skipped_updates and nonfinite_steps. The update
+    phase of PPO and GRPO/RLOO."""
+    n = attention_mask.shape[0]
+    sums: dict[str, float] = {}
+    count = skipped = 0
+    grad_norm_max = 0.0
+    with throughput.phase("training") as rec:
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=generator)
+            for start in range(0, n, mini):
+                idx = perm[start : start + mini].to(attention_mask.device)
+                loss, metrics = loss_fn(idx)
+                applied, grad_norm = handle.step(loss, guard=guard, step=step)
+                rec["tokens"] += int(attention_mask[idx].sum())
+                if not applied:
+                    skipped += 1
+                    continue
+                grad_norm_max = max(grad_norm_max, float(grad_norm))
+                for k, v in {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + to_float(v)
+                count += 1
+    out = {k: v / max(count, 1) for k, v in sums.items()}
+    out.update(
+        grad_norm_max=grad_norm_max, skipped_updates=float(skipped), nonfinite_steps=float(guard.count)
+    )
+    return out
