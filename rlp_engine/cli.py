@@ -180,7 +180,7 @@ def _train(args, cfg, hook: Hook | None = None) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     # A missing file or model directory fails here, before the 8 s import of torch and transformers;
-    # the pipeline then runs data/prepare.prepare_inputs before it creates the output directory.
+    # the pipeline then runs pipeline/inputs.prepare_inputs before it creates the output directory.
     check_limits(cfg.data)
     check_paths(cfg)
     from rlp_engine.engine.distributed import finish
