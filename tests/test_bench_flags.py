@@ -38,7 +38,9 @@ def test_each_bench_writes_through_save_rows(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_each_bench_help_lists_no_csv(script):
+def test_each_bench_help_lists_no_csv_and_threads(script):
+    """One --help per bench for both flags: --no-csv / --csv PATH (bench/common.add_csv_args) and
+    --threads (add_threads_arg, issue 15's bench hygiene)."""
     # PYTHONSAFEPATH: bench/ is not put on sys.path for the script; it must find common.py itself
     env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
     got = subprocess.run(
@@ -51,6 +53,7 @@ def test_each_bench_help_lists_no_csv(script):
     )
     assert got.returncode == 0, got.stderr[-2000:]
     assert "--no-csv" in got.stdout and "--csv PATH" in got.stdout, got.stdout
+    assert "--threads" in got.stdout, got.stdout
 
 
 def test_save_rows_honours_no_csv_and_csv_path(tmp_path):
