@@ -18,7 +18,6 @@ Stages, run in this order when named in run.stages (each checkpointed and resuma
 from __future__ import annotations
 
 import random
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -33,8 +32,10 @@ from rlp_engine.recipes.scaffold import Optim
 if TYPE_CHECKING:
     from rlp_engine.pipeline.run import Run
 
-# per run: the members (and the ens_mean policy) its first ensemble stage made, for the others
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+def _shared(run: Run) -> dict:
+    """The members (and the ens_mean policy) the run's first ensemble stage made, for the others."""
+    return run.shared.setdefault("ensemble", {})
 
 
 def bootstrap_resample(pairs: list, seed: int) -> list:
@@ -90,7 +91,7 @@ def _scorer(members: list, stats: list[dict], objective: str, uwo_lambda: float)
 
 def ensemble(run: Run, data, tokenizer, policy, info: dict) -> tuple[list, list[dict]]:
     """(members, their stats): trained in stages rm_ens_m<i> by the first caller of a run."""
-    cache = _CACHE.setdefault(run, {})
+    cache = _shared(run)
     if "members" not in cache:
         built = [_member_stage(run, data, tokenizer, policy, i) for i in range(run.cfg.ensemble.k)]
         cache["members"], cache["stats"] = [m for m, _ in built], [s for _, s in built]
@@ -125,7 +126,7 @@ def _objective_stage(objective: str) -> Callable:
         name = f"ppo_ens_{objective}"
         actor = _ppo_against(run, name, policy, scorer, tokenizer, data.prompts)
         if objective == "mean":
-            _CACHE[run]["ppo_ens_mean"] = actor
+            _shared(run)["ppo_ens_mean"] = actor
         return {name: actor}
 
     return stage
@@ -168,7 +169,7 @@ def rlp_ens_stage(run: Run, data, tokenizer, policy, rms: dict, info: dict) -> d
     named), every member refined by RLP-SPG, PPO against the refined members' mean."""
     from rlp_engine.pipeline.stages import _sample_stage
 
-    cache = _CACHE.setdefault(run, {})
+    cache = _shared(run)
     out = {}
     if "ppo_ens_mean" not in cache:  # ens_mean not named: its policy is trained (and reported) here
         out.update(_objective_stage("mean")(run, data, tokenizer, policy, rms, info))

@@ -103,6 +103,8 @@ class Run:
         self.device = torch.device(cfg.run.device) if device is None else device
         self.gold = None  # the task's gold reward, logged on PPO rollouts (never trained on)
         self.heldout_pairs = None  # gold-labelled pairs of SFT samples on the eval prompts
+        # what arena stages of this run hand each other (pipeline/ensemble.py: the members it trained)
+        self.shared: dict = {}
 
     def _logger(self, metrics_bytes: int | None) -> MetricsLogger:
         """The metrics logger; on resume metrics.jsonl is first cut back to what the checkpoint had
