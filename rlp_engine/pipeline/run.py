@@ -100,6 +100,9 @@ class Run:
         for kind in ("tokens", "seconds"):
             getattr(self.throughput, kind).update(meta.get("throughput", {}).get(kind, {}))
         self.stage_seconds: dict[str, float] = {}
+        # stage -> {"tokens": {phase: n}, "seconds": {phase: s}}: this rank's share of self.throughput
+        # that the stage added (the report's stage_throughput, stage_throughput_summary)
+        self.stage_throughput: dict[str, dict] = {}
         self.device = torch.device(cfg.run.device) if device is None else device
         self.gold = None  # the task's gold reward, logged on PPO rollouts (never trained on)
         self.heldout_pairs = None  # gold-labelled pairs of SFT samples on the eval prompts
@@ -141,6 +144,8 @@ class Run:
             self.say(f"stage {name}: finished before, loading its outputs")
             yield Stage(self, name, True, None)
             self.stage_seconds[name] = self.finished[name]["seconds"]
+            # a run resumed from a checkpoint written before stage throughput was kept: none
+            self.stage_throughput[name] = self.finished[name].get("throughput", _no_phases())
             path, meta = self.resume
             if meta.get("stage") is None and list(self.finished)[-1] == name:
                 self.store.restore(path)  # the RNG state the uninterrupted run had at this point
@@ -156,19 +161,32 @@ class Run:
         if self.hook is not None:
             self.hook("stage_start", name, inside[1]["loop"]["step"] if inside else 0)
         before = inside[1]["stage_elapsed"] if inside else 0.0
+        # the aggregate throughput when the stage began (resumed inside it: as its checkpoint saved it)
+        counts_at_start = (inside[1].get("stage_throughput_start") if inside else None) or _phases(
+            self.throughput
+        )
         ckpt = LoopCheckpoint(
             self.store,
             name,
             self.cfg.run.checkpoint_every,
-            lambda: {**self.meta(), "stage_elapsed": before + time.perf_counter() - start},
+            lambda: {
+                **self.meta(),
+                "stage_elapsed": before + time.perf_counter() - start,
+                "stage_throughput_start": counts_at_start,
+            },
             resume_from=inside,
             hook=self.hook,
         )
         handle = Stage(self, name, False, ckpt if checkpoint else None)
         yield handle
         self.stage_seconds[name] = round(before + time.perf_counter() - start, 2)
+        self.stage_throughput[name] = _phase_delta(_phases(self.throughput), counts_at_start)
         if checkpoint:
-            self.finished[name] = {"results": handle.results, "seconds": self.stage_seconds[name]}
+            self.finished[name] = {
+                "results": handle.results,
+                "seconds": self.stage_seconds[name],
+                "throughput": self.stage_throughput[name],
+            }
             path = self.store.save({**self.meta(), "stage": None})  # stage boundary: outputs, RNG, progress
             if SIGINT.requested:  # Ctrl-C after the loop's last step boundary: stop at this one
                 raise Interrupted(name, SIGINT.step, path)
@@ -216,6 +234,42 @@ class Run:
             if bars:
                 hf_logging.enable_progress_bar()
         publish(tmp, path)
+
+
+def _no_phases() -> dict:
+    return {"tokens": {}, "seconds": {}}
+
+
+def _phases(tp: Throughput) -> dict:
+    """A copy of a Throughput's counters: {"tokens": {phase: n}, "seconds": {phase: s}}."""
+    return {"tokens": dict(tp.tokens), "seconds": dict(tp.seconds)}
+
+
+def _phase_delta(now: dict, start: dict) -> dict:
+    """What the phases gained between two `_phases` copies; phases that did not run are left out."""
+    out = _no_phases()
+    for phase, secs in now["seconds"].items():
+        gained = secs - start["seconds"].get(phase, 0.0)
+        if gained > 0:
+            out["seconds"][phase] = gained
+            out["tokens"][phase] = now["tokens"].get(phase, 0.0) - start["tokens"].get(phase, 0.0)
+    return out
+
+
+def stage_throughput_summary(run: Run, phases: list[str]) -> dict[str, dict]:
+    """report["stage_throughput"]: per stage, what Throughput.summary() gives for the whole run
+    (tokens, seconds, tokens_per_s per phase), for the phases the stage ran. Under torchrun every rank
+    calls it (one across_ranks collective per stage, over the same `phases` on every rank: tokens
+    summed over ranks, seconds the slowest rank's, as the aggregate)."""
+    out = {}
+    for name, counts in run.stage_throughput.items():
+        tp = Throughput()
+        for phase in phases:
+            tp.tokens[phase] = counts["tokens"].get(phase, 0.0)
+            tp.seconds[phase] = counts["seconds"].get(phase, 0.0)
+        summary = tp.across_ranks().summary()
+        out[name] = {p: v for p, v in summary.items() if v["seconds"] > 0 or v["tokens"] > 0}
+    return out
 
 
 def _setup(cfg: TrainConfig) -> None:
@@ -410,6 +464,7 @@ def _run_pipeline(
         barrier()
     run.logger.close()
     throughput = run.throughput.across_ranks()  # a collective: every rank, before ranks part ways
+    per_stage = stage_throughput_summary(run, sorted(run.throughput.seconds))  # collectives too
     if not run.main:
         return {}
     report = {
@@ -418,6 +473,7 @@ def _run_pipeline(
         "stage_seconds": run.stage_seconds,
         "total_seconds": round(time.perf_counter() - start, 2),
         "throughput": throughput.summary(),
+        "stage_throughput": per_stage,
         "model": {"parameters": n_params, "vocab": len(tokenizer)},
         "data": {
             "sft": len(data.sft),
