@@ -11,13 +11,13 @@ and its recipe under rlp_engine/recipes (see ARCHITECTURE.md, "Adding an algorit
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
 from rlp_engine.engine.distributed import rank_and_world
+from rlp_engine.pipeline.blocks import policy_stage
 from rlp_engine.pipeline.ensemble import ENSEMBLE_METHODS
 from rlp_engine.recipes.grpo import grpo
 from rlp_engine.recipes.preference import preference_optimize
@@ -35,15 +35,13 @@ def _offline_stage(method: str) -> Callable:
     saved weights)."""
 
     def stage(run: Run, data, tokenizer, policy, rms: dict, info: dict) -> dict:
-        with run.stage(method) as st:
-            if st.done:
-                model = copy.deepcopy(policy)
-            else:
-                cfg = run.cfg
-                model = preference_optimize(
-                    policy, tokenizer, data.preferences, method, cfg.offline, cfg.data, run.context(st)
-                )
-            st.keep({"policy": model}, export=model, tokenizer=tokenizer)
+        def train(st):
+            cfg = run.cfg
+            return preference_optimize(
+                policy, tokenizer, data.preferences, method, cfg.offline, cfg.data, run.context(st)
+            )
+
+        model = policy_stage(run, method, policy, tokenizer, train, key="policy")
         return {method: model.eval()}
 
     return stage
@@ -58,27 +56,25 @@ def _online_stage(estimator: str) -> Callable:
     the stage's name (a finished stage: a copy of `policy` holding its saved actor)."""
 
     def stage(run: Run, data, tokenizer, policy, rms: dict, info: dict) -> dict:
-        with run.stage(estimator) as st:
-            if st.done:
-                actor = copy.deepcopy(policy)
-            else:
-                cfg = run.cfg
-                # the rollouts' sampling noise, as PPO's stage: same weights on every rank, own noise
-                torch.manual_seed(cfg.run.seed + rank_and_world()[0])
-                actor = grpo(
-                    policy,
-                    rms["rm"],
-                    tokenizer,
-                    data.prompts,
-                    cfg.grpo,
-                    cfg.data,
-                    run.context(st, log_every=1),  # few, costly iterations: every one logged
-                    estimator=estimator,
-                    gold=run.gold,
-                    rollout_backend=cfg.rollout.backend,
-                    model_path=cfg.model.path,
-                )
-            st.keep({"actor": actor}, export=actor, tokenizer=tokenizer)
+        def train(st):
+            cfg = run.cfg
+            # the rollouts' sampling noise, as PPO's stage: same weights on every rank, own noise
+            torch.manual_seed(cfg.run.seed + rank_and_world()[0])
+            return grpo(
+                policy,
+                rms["rm"],
+                tokenizer,
+                data.prompts,
+                cfg.grpo,
+                cfg.data,
+                run.context(st, log_every=1),  # few, costly iterations: every one logged
+                estimator=estimator,
+                gold=run.gold,
+                rollout_backend=cfg.rollout.backend,
+                model_path=cfg.model.path,
+            )
+
+        actor = policy_stage(run, estimator, policy, tokenizer, train)
         return {estimator: actor.eval()}
 
     return stage

@@ -25,8 +25,8 @@ import torch
 
 from rlp_engine.algos.ensemble import EnsembleScorer, standardisation
 from rlp_engine.algos.reward import preference_accuracy, score_texts
+from rlp_engine.pipeline.blocks import ppo_stage, reward_model, sample_stage, spg_stage
 from rlp_engine.recipes.reward import train_reward_model
-from rlp_engine.recipes.rlp import rlp_spg
 from rlp_engine.recipes.scaffold import Optim
 
 if TYPE_CHECKING:
@@ -57,14 +57,12 @@ def _normaliser(run: Run, rm, tokenizer, pairs: list) -> tuple[float, float]:
 
 def _member_stage(run: Run, data, tokenizer, policy, i: int) -> tuple[torch.nn.Module, dict]:
     """Stage rm_ens_m<i>: member i from the SFT `policy` (module docstring) -> (model, stats)."""
-    from rlp_engine.pipeline.stages import _reward_model  # stages imports the arena: not at the top
-
     cfg, e = run.cfg, run.cfg.ensemble
     seed = cfg.run.seed + e.seed_offset + i
     with run.stage(f"rm_ens_m{i}") as st:
         with torch.random.fork_rng(devices=[]):  # the head's init from the member's seed, global RNG kept
             torch.manual_seed(seed)
-            rm = _reward_model(policy, run.device)
+            rm = reward_model(policy, run.device)
         stats = None
         if not st.done:
             pairs = bootstrap_resample(data.preferences, seed) if e.bootstrap else data.preferences
@@ -108,12 +106,11 @@ def ensemble(run: Run, data, tokenizer, policy, info: dict) -> tuple[list, list[
 
 def _ppo_against(run: Run, name: str, policy, scorer: EnsembleScorer, tokenizer, prompts):
     """PPO stage `name` against `scorer` (its critic from member 0) -> the trained actor."""
-    from rlp_engine.pipeline.stages import _ppo_stage  # stages imports the arena: not at the top
 
     def reward_fn(ps: list[str], rs: list[str]) -> torch.Tensor:
         return score_texts(scorer, tokenizer, ps, rs, run.cfg.data, run.cfg.eval.batch_size)
 
-    return _ppo_stage(run, name, policy, scorer.members[0], tokenizer, prompts, reward_fn)
+    return ppo_stage(run, name, policy, scorer.members[0], tokenizer, prompts, reward_fn)
 
 
 def _objective_stage(objective: str) -> Callable:
@@ -135,46 +132,27 @@ def _objective_stage(objective: str) -> Callable:
 def _refined_member(run: Run, data, tokenizer, policy, member, samples, i: int):
     """Stage rm_ens_spg_m<i>: RLP-SPG of member i (P ranked by it; BT on D + the synthetic pairs
     from the SFT policy, seed as member i's) -> (model, stats with its standardisation)."""
-    from rlp_engine.pipeline.stages import _equivalence, _reward_model
+    seed = run.cfg.run.seed + run.cfg.ensemble.seed_offset + i
 
-    cfg = run.cfg
-    seed = cfg.run.seed + cfg.ensemble.seed_offset + i
-    with run.stage(f"rm_ens_spg_m{i}") as st:
-        stats = None
-        if st.done:
-            rm = _reward_model(policy, run.device).eval()
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                rm, _, spg_stats = rlp_spg(
-                    policy,
-                    member,
-                    tokenizer,
-                    data.preferences,
-                    samples,
-                    cfg.spg,
-                    cfg.data,
-                    equivalence=_equivalence(cfg.spg.equivalence, data),
-                    ctx=run.context(st, seed=seed),
-                )
-            shift, scale = _normaliser(run, rm, tokenizer, data.preferences)
-            stats = {"seed": seed, "shift": shift, "scale": scale, **(spg_stats or {})}
-        rm.requires_grad_(False)
-        out = st.keep({"rm": rm}, {"stats": stats}, rm, tokenizer)
-    return rm, out["stats"]
+    def describe(rm) -> dict:
+        shift, scale = _normaliser(run, rm, tokenizer, data.preferences)
+        return {"seed": seed, "shift": shift, "scale": scale}
+
+    rm, _, stats = spg_stage(
+        run, f"rm_ens_spg_m{i}", data, tokenizer, policy, member, samples, seed=seed, describe=describe
+    )
+    return rm, stats
 
 
 def rlp_ens_stage(run: Run, data, tokenizer, policy, rms: dict, info: dict) -> dict:
     """The arena stage rlp_ens: P from the ens_mean policy (trained first when ens_mean was not
     named), every member refined by RLP-SPG, PPO against the refined members' mean."""
-    from rlp_engine.pipeline.stages import _sample_stage
-
     cache = _shared(run)
     out = {}
     if "ppo_ens_mean" not in cache:  # ens_mean not named: its policy is trained (and reported) here
         out.update(_objective_stage("mean")(run, data, tokenizer, policy, rms, info))
     members, _ = ensemble(run, data, tokenizer, policy, info)
-    samples = _sample_stage(run, "sample_ens", cache["ppo_ens_mean"], tokenizer, data.prompts)
+    samples = sample_stage(run, "sample_ens", cache["ppo_ens_mean"], tokenizer, data.prompts)
     refined = [_refined_member(run, data, tokenizer, policy, m, samples, i) for i, m in enumerate(members)]
     info["ensemble_spg"] = [s for _, s in refined]
     scorer = _scorer([m for m, _ in refined], [s for _, s in refined], "mean", 0.0)

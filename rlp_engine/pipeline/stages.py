@@ -4,22 +4,18 @@ an explicit call of a recipe inside `run.stage(name)` (pipeline/run.py: timing, 
 
 from __future__ import annotations
 
-import copy
 import random
 from typing import TYPE_CHECKING
-
-import torch
 
 from rlp_engine.config import ConfigError, TrainConfig
 from rlp_engine.data.build import TaskData
 from rlp_engine.data.task import annotate, label_pairs
-from rlp_engine.engine.distributed import rank_and_world
 from rlp_engine.engine.generate import sample
-from rlp_engine.models.heads import GaussianEncoder, ScalarHeadModel
+from rlp_engine.models.heads import ScalarHeadModel
 from rlp_engine.pipeline.arena import arena_stage_names, run_arena
-from rlp_engine.recipes.ppo import ppo
+from rlp_engine.pipeline.blocks import ppo_stage, reward_model, sample_stage, spg_stage
 from rlp_engine.recipes.reward import train_reward_model
-from rlp_engine.recipes.rlp import rlp_spg, rlp_uml, sample_policy
+from rlp_engine.recipes.rlp import rlp_uml
 from rlp_engine.recipes.scaffold import Optim
 from rlp_engine.recipes.sft import sft
 
@@ -91,110 +87,9 @@ def preference_sets(run, data: TaskData, tokenizer, policy):
     return prefs, heldout
 
 
-def _reward_model(policy, device, latent_dim: int | None = None) -> ScalarHeadModel:
-    """A reward model shaped like the pipeline's (SFT backbone + head, UML encoder when latent_dim):
-    the template a finished stage's saved weights load into on resume."""
-    rm = ScalarHeadModel.from_causal_lm(policy)
-    if latent_dim is not None:
-        rm.encoder = GaussianEncoder(rm.head.in_features, latent_dim)
-    return rm.to(device)
-
-
-def _ppo_stage(run: Run, name: str, policy, reward_model, tokenizer, prompts: list[str], reward_fn=None):
-    """The PPO stage `name` from the SFT `policy` against `reward_model` (or `reward_fn`, see `ppo`);
-    returns the trained actor (a finished stage: a copy of `policy` holding its saved actor weights)."""
-    with run.stage(name) as st:
-        if st.done:
-            actor = copy.deepcopy(policy)
-        else:
-            cfg = run.cfg
-            # the rollouts' sampling noise: the same weights on every rank (copied), different noise
-            torch.manual_seed(cfg.run.seed + rank_and_world()[0])
-            # PPO runs few, costly iterations: every one is logged
-            ctx = run.context(st, log_every=1)
-            actor = ppo(
-                policy,
-                reward_model,
-                tokenizer,
-                prompts,
-                cfg.ppo,
-                cfg.data,
-                ctx,
-                gold=run.gold,
-                reward_fn=reward_fn,
-                rollout_backend=cfg.rollout.backend,
-                model_path=cfg.model.path,
-            )
-        st.keep({"actor": actor}, export=actor, tokenizer=tokenizer)
-    return actor
-
-
-def _equivalence(name: str, data: TaskData):
-    """spg.equivalence "answer": the task's own answer(response) (each response without one is its
-    own cluster); other names are rlp_spg's built-in keys."""
-    if name != "answer":
-        return name
-    if data.task is None:
-        return "exact"
-
-    def key(response: str, index: int):
-        answer = data.task.answer(response)
-        return ("answer", answer) if answer is not None else ("none", index)
-
-    return key
-
-
 def _round(k: int) -> str:
     """Name suffix of RLP round k: "" for the first, "_r2", "_r3", ... after."""
     return "" if k == 1 else f"_r{k}"
-
-
-def _sample_stage(run: Run, name: str, policy, tokenizer, prompts: list[str]):
-    """Stage `name`: the set P, sample.n responses of `policy` to each of the first
-    sample.num_prompts prompts (a finished stage: its saved samples)."""
-    cfg = run.cfg
-    with run.stage(name) as st:
-        samples = None
-        if not st.done:
-            samples = sample_policy(
-                policy,
-                tokenizer,
-                prompts[: cfg.sample.num_prompts],
-                cfg.sample,
-                cfg.data,
-                run.throughput,
-                show_progress=cfg.run.progress,
-            )
-        return st.keep({}, {"samples": samples})["samples"]
-
-
-def _spg_stage(run: Run, data: TaskData, tokenizer, policy, ranker, samples, tag: str):
-    """Stage rm_spg<tag>: RLP-SPG's reward model from the SFT `policy` on D + synthetic pairs from
-    `samples` (y_w ranked by `ranker`). Returns (reward model, synthetic pairs, statistics)."""
-    cfg = run.cfg
-    with run.stage(f"rm_spg{tag}") as st:
-        synthetic, stats = [], None
-        if st.done:
-            rm = _reward_model(policy, run.device).eval()
-        else:
-            rm, synthetic, stats = rlp_spg(
-                policy,
-                ranker,
-                tokenizer,
-                data.preferences,
-                samples,
-                cfg.spg,
-                cfg.data,
-                equivalence=_equivalence(cfg.spg.equivalence, data),
-                ctx=run.context(st),
-            )
-            if data.gold is not None and synthetic:
-                g = [(data.gold(p.prompt, p.chosen), data.gold(p.prompt, p.rejected)) for p in synthetic]
-                stats["synthetic_pair_gold_acc"] = sum(w > lo for w, lo in g) / len(g)
-                stats["synthetic_pair_gold_ties"] = sum(w == lo for w, lo in g) / len(g)
-        rm.requires_grad_(False)
-        out = st.keep({"rm": rm}, {"stats": stats, "synthetic": synthetic}, rm, tokenizer)
-    return rm, out["synthetic"], out["stats"]
 
 
 def _uml_stage(run: Run, name: str, policy, tokenizer, pairs, samples):
@@ -205,7 +100,7 @@ def _uml_stage(run: Run, name: str, policy, tokenizer, pairs, samples):
     with run.stage(name) as st:
         diag = None
         if st.done:
-            rm = _reward_model(policy, run.device, cfg.uml.latent_dim).eval()
+            rm = reward_model(policy, run.device, cfg.uml.latent_dim).eval()
         else:
             rm, diag = rlp_uml(policy, tokenizer, pairs, samples, cfg.uml, cfg.data, run.context(st))
         rm.requires_grad_(False)
@@ -232,7 +127,7 @@ def _sft_pref_rm(run: Run, data: TaskData, tokenizer, policy) -> ScalarHeadModel
             data.preferences = got["preferences"]
         run.heldout_pairs = got["heldout"]
     with run.stage("rm") as st:
-        rm = _reward_model(policy, run.device)
+        rm = reward_model(policy, run.device)
         if not st.done:
             r = cfg.rm
             opt = Optim(r.steps, r.batch_size, r.lr, r.weight_decay, r.max_grad_norm)
@@ -249,32 +144,30 @@ def _rlp_stages(
     and both, each followed by PPO from SFT; then rlp.rounds - 1 more SPG rounds (P sampled again
     from the latest RLP-SPG policy, ranked by the latest refined RM)."""
     prompts = data.prompts
-    samples = _sample_stage(run, "sample", policies["ppo"], tokenizer, prompts)
+    samples = sample_stage(run, "sample", policies["ppo"], tokenizer, prompts)
     if "uml" in stages:
         rms["rm_uml"], info["uml"] = _uml_stage(run, "rm_uml", policy, tokenizer, data.preferences, samples)
-        policies["rlp_uml"] = _ppo_stage(run, "ppo_uml", policy, rms["rm_uml"], tokenizer, prompts)
+        policies["rlp_uml"] = ppo_stage(run, "ppo_uml", policy, rms["rm_uml"], tokenizer, prompts)
     synthetic = []
     if stages & {"spg", "uml_spg"}:
-        rms["rm_spg"], synthetic, info["spg"] = _spg_stage(
-            run, data, tokenizer, policy, rms["rm"], samples, ""
+        rms["rm_spg"], synthetic, info["spg"] = spg_stage(
+            run, "rm_spg", data, tokenizer, policy, rms["rm"], samples
         )
-        policies["rlp_spg"] = _ppo_stage(run, "ppo_spg", policy, rms["rm_spg"], tokenizer, prompts)
+        policies["rlp_spg"] = ppo_stage(run, "ppo_spg", policy, rms["rm_spg"], tokenizer, prompts)
     if "uml_spg" in stages:
         # both refinements at once: Bradley-Terry on D + the SPG pairs, + lam * L_M on P
         pairs = data.preferences + synthetic
         rms["rm_uml_spg"], _ = _uml_stage(run, "rm_uml_spg", policy, tokenizer, pairs, samples)
-        policies["rlp_uml_spg"] = _ppo_stage(
-            run, "ppo_uml_spg", policy, rms["rm_uml_spg"], tokenizer, prompts
-        )
+        policies["rlp_uml_spg"] = ppo_stage(run, "ppo_uml_spg", policy, rms["rm_uml_spg"], tokenizer, prompts)
     if "spg" in stages:
         for k in range(2, run.cfg.rlp.rounds + 1):
             last, tag = f"rlp_spg{_round(k - 1)}", _round(k)
-            fresh = _sample_stage(run, f"sample{tag}", policies[last], tokenizer, prompts)
+            fresh = sample_stage(run, f"sample{tag}", policies[last], tokenizer, prompts)
             ranker = rms[f"rm_spg{_round(k - 1)}"]
-            rms[f"rm_spg{tag}"], _, info[f"spg{tag}"] = _spg_stage(
-                run, data, tokenizer, policy, ranker, fresh, tag
+            rms[f"rm_spg{tag}"], _, info[f"spg{tag}"] = spg_stage(
+                run, f"rm_spg{tag}", data, tokenizer, policy, ranker, fresh
             )
-            policies[f"rlp_spg{tag}"] = _ppo_stage(
+            policies[f"rlp_spg{tag}"] = ppo_stage(
                 run, f"ppo_spg{tag}", policy, rms[f"rm_spg{tag}"], tokenizer, prompts
             )
 
@@ -285,13 +178,13 @@ def train_all(run: Run, data: TaskData, tokenizer, policy) -> tuple[dict, dict, 
     stages = stage_names(run.cfg)
     rm = _sft_pref_rm(run, data, tokenizer, policy)
     policies, rms, info = {"sft": policy}, {"rm": rm}, {}
-    policies["ppo"] = _ppo_stage(run, "ppo", policy, rm, tokenizer, data.prompts)
+    policies["ppo"] = ppo_stage(run, "ppo", policy, rm, tokenizer, data.prompts)
     if "oracle" in stages and data.gold is not None:
         # the ceiling of the testbed: PPO against the gold reward itself (critic initialised from rm)
         def gold_reward(ps, rs):
             return [data.gold(p, r) for p, r in zip(ps, rs)]
 
-        policies["ppo_oracle"] = _ppo_stage(
+        policies["ppo_oracle"] = ppo_stage(
             run, "ppo_oracle", policy, rm, tokenizer, data.prompts, gold_reward
         )
     if stages & {"uml", "spg", "uml_spg"}:
