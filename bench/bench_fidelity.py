@@ -1,15 +1,19 @@
 """Seed-to-seed fidelity of the RLP pipeline: run `rlp-engine train` once per seed and report every
 policy's gold score, its paired differences against SFT and PPO, the win-rate and each reward
 model's accuracy as mean ± SE across seeds (SE = sd(ddof=1) / sqrt(#seeds): the spread a rerun
-with another seed shows), beside the per-seed values.
+with another seed shows), beside the per-seed values; per method its proxy reward, KL to SFT, wall
+time and training tokens/s, and its gold-vs-KL curve (bench/fidelity_methods.py, which also states
+how a method's wall time is attributed).
 
     python bench/bench_fidelity.py --seeds 0,1,2 --output-dir DIR [--preset NAME] [--jobs N] [key=value ...]
 
 Each seed runs as its own process into DIR/seed_<s> (its output in DIR/seed_<s>/bench.log), `--jobs`
 at a time; a seed whose report.json exists is skipped, so a killed bench continues where it stopped
 (a half-finished seed resumes from its last checkpoint). Writes DIR/fidelity.json, DIR/fidelity.md
-and DIR/fidelity.png and prints the tables. Tried on the 2-core CPU dev box with `--preset tiny`
-(about 6 s a seed there); the default preset takes minutes of CPU a seed.
+and DIR/fidelity.png (and DIR/fidelity_kl.png, gold vs KL per method, when the reports have KL) and
+prints the tables. `--aggregate-only`: run nothing, summarise the seed folders' existing reports.
+Tried on the 2-core CPU dev box with `--preset tiny` (about 6 s a seed there); the default preset
+takes minutes of CPU a seed.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import shlex
@@ -27,9 +30,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from rlp_engine.config import ConfigError, load_config, to_dict
-from rlp_engine.pipeline.report import policy_name, rm_name
-from rlp_engine.stats import json_safe, seed_summary
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fidelity_methods import (  # noqa: E402
+    _get,
+    _num,
+    across_seeds,
+    curve_summary,
+    method_summary,
+    methods_table,
+    plot_kl,
+)
+
+from rlp_engine.config import ConfigError, load_config, to_dict  # noqa: E402
+from rlp_engine.pipeline.report import policy_name, rm_name  # noqa: E402
+from rlp_engine.stats import json_safe  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINES = ("sft", "ppo")  # the policies every other one is paired against, seed by seed
@@ -38,33 +52,6 @@ PER_SEED = ("run.seed", "run.output_dir")  # set by the bench for each seed
 # finished seed whose config differs only in these still belongs to this bench.
 RUN_FREE = {"threads", "progress", "tensorboard", "dist_timeout_s", "checkpoint_every", "keep_checkpoints"}
 RUN_FREE |= {"device", "output_dir", "seed"}
-
-
-def _num(x) -> float | None:
-    """A measured figure as a float; None for a missing or NaN one (report.json writes NaN)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x):
-        return None
-    return float(x)
-
-
-def _get(d, *keys):
-    """d[k1][k2]... or None where any level is missing or not a dict."""
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
-
-def across_seeds(values: list) -> dict:
-    """Per-seed values (None where a seed lacks the figure) -> {"mean", "se", "n", "per_seed"} over the
-    n seeds that have it (mean and se None for n = 0; se NaN -> None for n = 1)."""
-    per_seed = [_num(v) for v in values]
-    have = [v for v in per_seed if v is not None]
-    if not have:
-        return {"mean": None, "se": None, "n": 0, "per_seed": per_seed}
-    s = seed_summary(have)
-    return json_safe({"mean": s["mean"], "se": s["se"], "n": len(have), "per_seed": per_seed})
 
 
 def _ordered_keys(dicts) -> list[str]:
@@ -87,7 +74,8 @@ def _policy_summary(reports: dict[int, dict], name: str) -> dict:
         out[key] = across_seeds(diffs)
         # the within-seed SE of the same difference, clustered by prompt (from the run's own report)
         out[key]["within_seed_se"] = [_num(_get(row, key, "gold_se")) for row in rows]
-    return out
+    # proxy reward, KL to SFT, wall time, training tokens/s; the gold-vs-KL curve (fidelity_methods)
+    return {**out, **method_summary(reports, name), "curve": curve_summary(reports, name)}
 
 
 def _rm_summary(reports: dict[int, dict], name: str) -> dict:
@@ -185,6 +173,10 @@ def render_markdown(summary: dict) -> str:
         lines.append(f"{summary['date']}, commit {commit}, {summary.get('machine', 'unknown machine')}  ")
     if "command" in summary:
         lines.append(f"Command: `{summary['command']}`  ")
+    if summary.get("aggregate_only"):  # the commit above is the aggregation's, not the runs'
+        lines.append(
+            "Aggregated from existing seed reports (--aggregate-only): the runs' commit is not in them  "
+        )
     lines += [
         f"Seeds: {', '.join(map(str, seeds))} (n = {len(seeds)}). ± is the SE across seeds, "
         "sd(ddof=1) / sqrt(n); (n) counts the seeds with a value. Δ columns: per seed, the policy's gold "
@@ -202,6 +194,16 @@ def render_markdown(summary: dict) -> str:
             *_rm_table(summary),
             "",
         ]
+    lines += [
+        "Per method: proxy reward under the reward model it was trained against (SFT: the base RM), KL "
+        "to the SFT policy, wall time and the training tokens/s of its own stage; mean ± SE over seeds "
+        "(— where no seed's report has the figure). Wall time: the seconds of every stage the policy "
+        "depends on, sft / pref / rm (shared by all) aside; a stage several methods need counts in full "
+        "for each (bench/fidelity_methods.py, ATTRIBUTION).",
+        "",
+        *methods_table(summary),
+        "",
+    ]
     sec, proc = summary["seconds"], summary["seconds"].get("process") or {}
     lines.append(f"Time per seed: stages {_pm(sec, 1)} s (per seed: {_seq(sec['per_seed'], 1)} s)")
     if proc.get("n"):
@@ -293,6 +295,17 @@ def _config_changes(saved: dict, expected: dict) -> list[str]:
 def validate(args) -> list[int]:
     """Every check that can fail before a run starts; raises BadInput or ConfigError (one line)."""
     seeds = _parse_seeds(args.seeds)
+    out = Path(args.output_dir)
+    if args.aggregate_only:
+        if args.preset or args.overrides:
+            raise BadInput(
+                "--aggregate-only reads the seed folders as they are: drop --preset and the overrides"
+            )
+        missing = [str(out / f"seed_{s}" / "report.json") for s in seeds]
+        missing = [m for m in missing if not Path(m).is_file()]
+        if missing:
+            raise BadInput(f"--aggregate-only: no report for these seeds: {', '.join(missing)}")
+        return seeds
     if args.jobs < 1:
         raise BadInput(f"--jobs: {args.jobs} is not >= 1")
     for text in args.overrides:
@@ -300,7 +313,6 @@ def validate(args) -> list[int]:
             raise BadInput(
                 f"override {text!r}: the bench sets {', '.join(PER_SEED)} itself (--seeds, --output-dir)"
             )
-    out = Path(args.output_dir)
     for s in seeds:
         expected = _expected_config(args.preset, args.overrides, s)  # unknown preset / bad key=value
         done = out / f"seed_{s}" / "report.json"
@@ -396,6 +408,7 @@ def _stamp(summary: dict, args, argv: list[str], reports: dict) -> dict:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.platform()}, {os.cpu_count()} cores; run device {dev}, {threads} threads",
         "command": shlex.join(["python", "bench/bench_fidelity.py", *argv]),
+        "aggregate_only": bool(args.aggregate_only),
     }
 
 
@@ -407,6 +420,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", help="the pipeline's preset (default: default)")
     p.add_argument("--jobs", type=int, default=1, help="seeds run at a time (default 1)")
+    p.add_argument(
+        "--aggregate-only",
+        action="store_true",
+        help="run nothing: summarise the seed folders' existing report.json files (each must exist)",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides for every seed, e.g. ppo.kl_coef=0.05")
 
     def error(message: str):  # one line, exit 2 (argparse's own error prints the usage too)
@@ -427,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    failed = run_all(seeds, out, args)
+    failed = [] if args.aggregate_only else run_all(seeds, out, args)
     if failed:
         print(
             f"bench_fidelity: seeds {failed} failed (logs: {out}/seed_<s>/bench.log); rerun the same command "
@@ -442,8 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     md = render_markdown(summary)
     (out / "fidelity.md").write_text(md)
     plot(summary, out / "fidelity.png")
+    kl = plot_kl(summary, out / "fidelity_kl.png")
     print(md)
-    print(f"[bench_fidelity] wrote {out}/fidelity.json, fidelity.md, fidelity.png")
+    print(f"[bench_fidelity] wrote {out}/fidelity.json, fidelity.md, fidelity.png", end="")
+    print(", fidelity_kl.png" if kl else " (no fidelity_kl.png: no policy has a KL to SFT or a curve)")
     return 0
 
 
