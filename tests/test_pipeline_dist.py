@@ -149,3 +149,27 @@ def test_sampler_reuses_its_cached_generator_and_its_logprobs_are_the_trainers()
         lp = response_logprobs(model, b.input_ids, b.attention_mask, b.response_len, temperature=0.7)
     torch.testing.assert_close(s.logprobs, lp * b.response_mask, atol=1e-5, rtol=1e-5)
     assert b.response_mask.sum() > 0 and len(s.responses) == 6
+
+
+# one method of each arena family: offline (DPO), critic-free online (GRPO), PPO on an ensemble and
+# RLP-SPG on every member (rlp_ens), each a few steps
+ARENA = ["run.stages=dpo,grpo,ens_mean,rlp_ens", "offline.steps=2", "grpo.steps=1", "ensemble.k=2"]
+
+
+def test_arena_methods_run_under_torchrun_with_replicas_in_step(tmp_path):
+    out = tmp_path / "arena"
+    code, output, _ = _torchrun(out, limit_s=150, extra=tuple(ARENA))
+    assert code == 0, output[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert {"sft", "ppo", "dpo", "grpo", "ppo_ens_mean", "rlp_ens"} <= set(report["policies"])
+    assert report["machine"]["world_size"] == 2
+    for p in ("dpo", "grpo", "ppo_ens_mean", "rlp_ens"):
+        assert 0.0 <= report["policies"][p]["gold"] <= 1.0
+    assert [m["seed"] for m in report["ensemble"]["members"]] == [1000, 1001]
+    # every export went through run.save's check that both ranks hold the same weights
+    for name in ("dpo", "grpo", "rm_ens_m0", "rm_ens_m1", "ppo_ens_mean", "rm_ens_spg_m1", "ppo_rlp_ens"):
+        assert (out / "checkpoints" / name / "model.safetensors").is_file(), name
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = [(x["stage"], x["step"]) for x in lines]
+    assert len(keys) == len(set(keys))  # rank 0 alone logs
+    assert {"dpo", "grpo", "rm_ens_m0", "ppo_ens_mean", "rm_ens_spg_m0", "ppo_rlp_ens"} <= {s for s, _ in keys}
