@@ -213,6 +213,12 @@ class EvalConfig:
     num_prompts: int = 256
     samples_per_prompt: int = 16  # gold/proxy means over all; pairs (1st, 2nd), (3rd, 4th) for RM accuracy
     batch_size: int = 256
+    # gold-vs-KL over-optimisation curves (pipeline/curves.py): every policy-training stage saves its
+    # policy after 1/n .. (n-1)/n of its steps (0: no curves; 4: 25/50/75%, the end is its export);
+    # each snapshot is evaluated on the first curve_prompts eval prompts x curve_samples samples
+    curve_points: int = 4
+    curve_prompts: int = 64
+    curve_samples: int = 4
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 
 from rlp_engine.engine.distributed import rank_and_world
 from rlp_engine.pipeline.blocks import policy_stage
+from rlp_engine.pipeline.curves import curve_context
 from rlp_engine.pipeline.ensemble import ENSEMBLE_METHODS
 from rlp_engine.recipes.grpo import grpo
 from rlp_engine.recipes.preference import preference_optimize
@@ -36,9 +37,9 @@ def _offline_stage(method: str) -> Callable:
 
     def stage(run: Run, data, tokenizer, policy, rms: dict, info: dict) -> dict:
         def train(st):
-            cfg = run.cfg
+            cfg, ctx = run.cfg, curve_context(run, st, "policy")
             return preference_optimize(
-                policy, tokenizer, data.preferences, method, cfg.offline, cfg.data, run.context(st)
+                policy, tokenizer, data.preferences, method, cfg.offline, cfg.data, ctx
             )
 
         model = policy_stage(run, method, policy, tokenizer, train, key="policy")
@@ -67,7 +68,7 @@ def _online_stage(estimator: str) -> Callable:
                 data.prompts,
                 cfg.grpo,
                 cfg.data,
-                run.context(st, log_every=1),  # few, costly iterations: every one logged
+                curve_context(run, st, "actor", log_every=1),  # few, costly iterations: every one logged
                 estimator=estimator,
                 gold=run.gold,
                 rollout_backend=cfg.rollout.backend,

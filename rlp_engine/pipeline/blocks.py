@@ -17,6 +17,7 @@ import torch
 from rlp_engine.data.build import TaskData
 from rlp_engine.engine.distributed import rank_and_world
 from rlp_engine.models.heads import GaussianEncoder, ScalarHeadModel
+from rlp_engine.pipeline.curves import curve_context
 from rlp_engine.recipes.ppo import ppo
 from rlp_engine.recipes.rlp import rlp_spg, sample_policy
 
@@ -60,7 +61,7 @@ def ppo_stage(run: Run, name: str, policy, reward_model, tokenizer, prompts: lis
             prompts,
             cfg.ppo,
             cfg.data,
-            run.context(st, log_every=1),  # PPO runs few, costly iterations: every one is logged
+            curve_context(run, st, "actor", log_every=1),  # PPO's few, costly iterations: all logged
             gold=run.gold,
             reward_fn=reward_fn,
             rollout_backend=cfg.rollout.backend,

@@ -5,7 +5,8 @@ at the evaluation temperature, every policy under the same seed (common random n
 differences see less sampling noise). Everything else is computed from those samples, each reward
 model scoring every distinct (prompt, response) once:
 - per policy: gold mean, exact-match rate (gold == 1), win-rate against reference responses under a
-  simulated annotator (percent, the paper's Table 2), proxy reward under each reward model; standard
+  simulated annotator (percent, the paper's Table 2), proxy reward under each reward model, KL to the
+  SFT policy (`sequence_kl` on the policy's own samples: forward passes only, no RNG); standard
   errors clustered by prompt (a prompt's samples averaged first: rlp_engine.stats);
 - paired differences between policies on the same prompts (vs the baseline, and per `paired_against`);
 - per reward model: accuracy on gold-labelled pairs of each policy's own samples (the quantity RLP
@@ -28,6 +29,7 @@ from rlp_engine.algos.reward import preference_accuracy, score_texts
 from rlp_engine.data.build import TaskData
 from rlp_engine.data.records import Preference
 from rlp_engine.engine.generate import sample
+from rlp_engine.pipeline.curves import evaluate_curves, sequence_kl
 from rlp_engine.stats import (
     Estimate,
     best_of,
@@ -52,6 +54,16 @@ class PolicyEval:
     response_tokens: float  # mean response length in tokens (eos included)
     samples_per_prompt: int = 2
     proxy_se: dict[str, float] = field(default_factory=dict)  # reward model name -> clustered SE
+    kl: list[float] | None = None  # per sample: sequence_kl to the SFT policy (None: not measured)
+    kl_per_token: list[float] | None = None  # per sample: that KL / its response tokens
+
+    def kl_figures(self) -> dict:
+        """kl_to_sft (mean per-sequence KL) and kl_to_sft_per_token, each with its clustered SE."""
+        out = {}
+        for key, values in (("kl_to_sft", self.kl), ("kl_to_sft_per_token", self.kl_per_token)):
+            est = clustered_mean_se(self.groups(values), "kl") if values is not None else NONE
+            out[key], out[f"{key}_se"] = est.mean, est.se
+        return out
 
     def groups(self, values: list) -> list[list]:
         """Per-sample values split into one list per prompt."""
@@ -73,6 +85,7 @@ class PolicyEval:
             "response_tokens": self.response_tokens,
             "n_prompts": len(self.prompts) // self.samples_per_prompt,
             "samples_per_prompt": self.samples_per_prompt,
+            **(self.kl_figures() if self.kl is not None else {}),
             "examples": [
                 {"prompt": p, "response": r, "gold": None if self.gold is None else self.gold[i]}
                 for i, (p, r) in enumerate(zip(self.prompts[:6], self.responses[:6]))
@@ -104,9 +117,11 @@ def sample_policy(
     seed: int | None = None,
     show_progress: bool = False,
     desc: str = "eval",
+    sft=None,
 ) -> PolicyEval:
     """One sample() call: eval_cfg.samples_per_prompt responses per prompt, gold-scored. -> PolicyEval
-    (proxy rewards left empty). show_progress: a bar `desc` over the prompt chunks (same samples)."""
+    (proxy rewards left empty). show_progress: a bar `desc` over the prompt chunks (same samples).
+    sft: the SFT policy, for the KL to it (`sequence_kl`, after the draws; 0 for `sft` itself)."""
     n = eval_cfg.samples_per_prompt
     with _seeded(policy, seed):
         s = sample(
@@ -122,7 +137,11 @@ def sample_policy(
         )
     scores = None if gold is None else [float(gold(p, r)) for p, r in zip(s.prompts, s.responses)]
     tokens = float(s.batch.response_mask.sum(-1).mean())
-    return PolicyEval(s.prompts, s.responses, scores, {}, tokens, n)
+    ev = PolicyEval(s.prompts, s.responses, scores, {}, tokens, n)
+    if sft is not None:
+        kl, lens = sequence_kl(policy, sft, s.batch, eval_cfg.temperature, eval_cfg.batch_size)
+        ev.kl, ev.kl_per_token = kl.tolist(), (kl / lens.clamp(min=1)).tolist()
+    return ev
 
 
 def _score_table(reward_models: dict, tokenizer, keys, data_cfg, batch_size: int) -> dict:
@@ -365,6 +384,7 @@ def evaluate_policies(
     heldout_pairs: list[Preference] | None = None,
     seed: int = 0,
     show_progress: bool = False,
+    sft: str | None = "sft",
 ) -> dict:
     """Evaluate every policy and reward model on eval_prompts[:eval_cfg.num_prompts]. -> JSON-able dict
 
@@ -379,15 +399,18 @@ def evaluate_policies(
     "diff_vs_<other>" for each policy -> other given; names absent from `policies` are skipped.
     heldout_pairs: preference pairs on held-out prompts for each RM's offline accuracy.
     show_progress: an "eval <policy>" bar over each policy's sampling (the figures are the same).
+    sft: the name in `policies` of the SFT policy: every row gets kl_to_sft (per sequence) and
+    kl_to_sft_per_token, each with its SE, on the row's own samples (absent / None: no KL figures).
 
     Returns {"policies", "reward_models", "reference", "eval"}; every figure "x" comes with "x_se"
     (NaN and unmeasured figures are None). See the module docstring for what each one is.
     """
     prompts = list(eval_prompts[: eval_cfg.num_prompts])
     _check_inputs(policies, prompts, eval_cfg, gold, reference, annotate, heldout_pairs)
+    ref = policies.get(sft) if sft is not None else None
     evals = {
         name: sample_policy(
-            pol, tokenizer, prompts, eval_cfg, data_cfg, gold, seed, show_progress, desc=f"eval {name}"
+            pol, tokenizer, prompts, eval_cfg, data_cfg, gold, seed, show_progress, f"eval {name}", ref
         )
         for name, pol in policies.items()
     }
@@ -443,10 +466,12 @@ def _reference(data: TaskData, prompts: list[str], n: int, noise: float, seed: i
 
 
 def evaluate_all(run, data: TaskData, tokenizer, policies: dict, rms: dict) -> dict:
+    """Every policy and reward model (evaluate_policies), then, after all of its draws, the gold-vs-KL
+    curves of the policies with snapshots (pipeline/curves.py, its own seed, global RNG kept)."""
     cfg = run.cfg
     prompts = data.eval_prompts[: cfg.eval.num_prompts]
     reference = _reference(data, prompts, cfg.eval.samples_per_prompt, cfg.data.sft_noise, cfg.run.seed)
-    return evaluate_policies(
+    report = evaluate_policies(
         policies,
         rms,
         tokenizer,
@@ -461,3 +486,5 @@ def evaluate_all(run, data: TaskData, tokenizer, policies: dict, rms: dict) -> d
         seed=cfg.run.seed,
         show_progress=cfg.run.progress,
     )
+    evaluate_curves(run, data, tokenizer, policies, report)
+    return report

@@ -369,8 +369,8 @@ def check_resumable(cfg: TrainConfig, saved: dict) -> None:
 # Everything a run writes in its output_dir, deleted by --restart in this order: config.yaml and
 # resume/ (what makes a directory a run's, see check_restartable) last, so that a restart killed
 # halfway leaves a directory --restart still accepts.
-RUN_FILES = ("report.json", "report.md", "training_curves.png", "metrics.jsonl", "tb", "checkpoints")
-RUN_FILES += ("resume", "config.yaml")
+RUN_FILES = ("report.json", "report.md", "training_curves.png", "gold_vs_kl.png", "metrics.jsonl", "tb")
+RUN_FILES += ("checkpoints", "curve", "resume", "config.yaml")
 
 
 def check_restartable(out: Path) -> None:

@@ -37,6 +37,11 @@ class TrainContext:
     ckpt: LoopCheckpoint | None = None  # None: no checkpoints inside the loop
     max_nonfinite_steps: int = 10
     train_backend: str = "fsdp2"  # run.train_backend; "deepspeed": ZeRO-3 under torchrun
+    # curve snapshots (eval.curve_points): snapshot(handle, done, steps) after each step count of
+    # curve_steps(steps, curve_points), before that step's checkpoint; on every rank (a collective
+    # under torchrun). None: no snapshots
+    snapshot: Callable[[TrainHandle, int, int], None] | None = None
+    curve_points: int = 0
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,15 @@ class Optim:
     max_grad_norm: float = 1.0
 
 
+def curve_steps(steps: int, points: int) -> list[int]:
+    """The step counts after which a loop of `steps` steps saves a curve snapshot: floor(k * steps /
+    points) for k = 1 .. points - 1, those strictly between 0 and `steps` (the end is the stage's own
+    export), without repeats. points 0 or 1: none. curve_steps(100, 4) = [25, 50, 75]."""
+    if steps < 0 or points < 0:
+        raise ValueError(f"curve_steps: steps and points must be >= 0, got steps={steps}, points={points}")
+    return sorted({k * steps // points for k in range(1, points)} - {0, steps}) if points else []
+
+
 def run_loop(
     ctx: TrainContext,
     handle: TrainHandle,
@@ -61,7 +75,9 @@ def run_loop(
 ) -> dict[str, float]:
     """Steps [start, steps) of `step_fn` (start: 0, or the step a checkpoint of this stage saved),
     logging every ctx.log_every steps and the last; returns the last logged metrics. With ctx.ckpt the
-    modules, optimizer and loop state are restored first and saved every ckpt.every steps."""
+    modules, optimizer and loop state are restored first and saved every ckpt.every steps. With
+    ctx.snapshot, after the steps of curve_steps(steps, ctx.curve_points) (a resumed loop past one
+    does not redo it: its snapshot was written before the checkpoint it resumes from)."""
     guard = NonFiniteGuard(ctx.max_nonfinite_steps, ctx.stage)
     last: dict[str, float] = {}
     start = 0
@@ -70,6 +86,7 @@ def run_loop(
     if saved is not None:
         start, last, guard = saved["step"], saved.get("last", {}), NonFiniteGuard(**saved["guard"])
         load(saved)
+    curve = set(curve_steps(steps, ctx.curve_points)) if ctx.snapshot else set()
 
     def state():
         return modules, optimizers, {**save(), "last": last, "guard": asdict(guard)}
@@ -78,6 +95,8 @@ def run_loop(
         metrics = step_fn(step, guard)
         if step % ctx.log_every == 0 or step == steps - 1:
             last = ctx.logger.log(ctx.stage, step, metrics)
+        if step + 1 in curve:
+            ctx.snapshot(handle, step + 1, steps)
         if ctx.ckpt:
             ctx.ckpt.step_done(step + 1, steps, state)
     return last
