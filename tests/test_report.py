@@ -1,7 +1,7 @@
 """report.md from evaluate_policies' structure (figures with SEs, paired differences, RM table), from
 the older structure without SEs, and display names of policies beyond the four of the paper."""
 
-from rlp_engine.pipeline.report import policy_name, render_markdown, rm_name
+from rlp_engine.pipeline.report import policy_name, render_markdown, rm_name, write_report
 
 
 def _policy(gold, se, diffs=None, win=None, proxy=0.25):
@@ -67,7 +67,7 @@ def test_new_structure_renders_se_deltas_and_readable_names():
     )
     assert (
         "| RLP-SPG | 0.550 ± 0.030 | 0.275 ± 0.015 | 50.2 ± 2.5 | +0.150 ± 0.020 | +0.050 ± 0.013 | "
-        "0.250 ± 0.010 | 3.2 |" in md
+        "0.250 ± 0.010 | n/a | 3.2 |" in md  # KL to SFT: not in this report
     )
     # SFT has no difference to itself; the oracle is not paired against PPO; it has no win-rate
     assert "| SFT | 0.400 ± 0.030 | 0.200 ± 0.015 | 36.7 ± 2.5 | n/a | n/a |" in md
@@ -78,6 +78,31 @@ def test_new_structure_renders_se_deltas_and_readable_names():
     assert "| 0.500 ± 0.050 (0.312) |" in md
     assert "On-policy: 300 gold-labelled pairs" in md and "256 pairs on held-out prompts" in md
     assert "| total | 2.0 |" in md and "## Time" in md
+
+
+def test_kl_column_and_gold_vs_kl_plot(tmp_path):
+    curve = [
+        {"step": 0, "fraction": 0.0, "gold": 0.4, "gold_se": 0.03, "kl_to_sft": 0.0, "kl_to_sft_se": 0.0},
+        {"step": 5, "fraction": 0.5, "gold": 0.5, "gold_se": None, "kl_to_sft": 1.5, "kl_to_sft_se": 0.2},
+        {"step": 10, "fraction": 1.0, "gold": 0.45, "gold_se": 0.03, "kl_to_sft": 3.25, "kl_to_sft_se": 0.5},
+    ]
+    report = {
+        "policies": {
+            "sft": {**_policy(0.4, 0.03), "kl_to_sft": 0.0, "kl_to_sft_se": 0.0},
+            "ppo": {**_policy(0.45, 0.03), "kl_to_sft": 3.25, "kl_to_sft_se": 0.5, "curve": curve},
+        }
+    }
+    md = render_markdown(report)
+    assert "| proxy reward ± SE | KL to SFT ± SE | response tokens |" in md
+    assert "| 0.000 ± 0.000 | 3.2 |" in md and "| 3.250 ± 0.500 | 3.2 |" in md
+    assert "gold_vs_kl.png" in md
+    write_report(tmp_path, report, {})
+    assert (tmp_path / "gold_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
+    del report["policies"]["ppo"]["curve"]  # no curves: no plot, no mention
+    (tmp_path / "none").mkdir()
+    write_report(tmp_path / "none", report, {})
+    assert not (tmp_path / "none" / "gold_vs_kl.png").exists()
+    assert "gold_vs_kl.png" not in render_markdown(report)
 
 
 def test_older_structure_without_se_still_renders():

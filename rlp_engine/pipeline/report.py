@@ -1,4 +1,5 @@
-"""The run's report: report.md (tables of the measured figures) and training_curves.png."""
+"""The run's report: report.md (tables of the measured figures), training_curves.png and, when the
+policies have curves (pipeline/curves.py), gold_vs_kl.png."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def _policy_table(report: dict) -> list[str]:
     digits = 3 if headline == "gold" else 1
     head = ["policy", "gold ± SE", "exact ± SE", "win-rate vs reference (%) ± SE"]
     head += [f"Δ {headline.replace('_', '-')} vs {policy_name(t)} ± SE" for t in targets]
-    head += ["proxy reward ± SE", "response tokens"]
+    head += ["proxy reward ± SE", "KL to SFT ± SE", "response tokens"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in pols.items():
         cells = [
@@ -97,13 +98,14 @@ def _policy_table(report: dict) -> list[str]:
             cells.append(_pm(d.get(headline), d.get(f"{headline}_se"), digits, signed=True))
         cells += [
             _pm(row.get("proxy_reward"), row.get("proxy_reward_se")),
+            _pm(row.get("kl_to_sft"), row.get("kl_to_sft_se")),
             _fmt(row.get("response_tokens"), 1),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     ref = report.get("reference")
     if ref:
         cells = ["Reference (demonstrator)", _pm(ref.get("gold"), ref.get("gold_se"))]
-        cells += [_pm(ref.get("exact"), ref.get("exact_se")), "50.0"] + [""] * len(targets) + ["", ""]
+        cells += [_pm(ref.get("exact"), ref.get("exact_se")), "50.0"] + [""] * len(targets) + ["", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -169,8 +171,14 @@ def _eval_note(report: dict) -> list[str]:
         "Δ columns are paired differences on the same prompts (SE of the per-prompt differences). "
         "Win-rate: a simulated annotator (gold reward, ties 1/2) compares each sample with a reference "
         "response. Proxy reward: under the reward model the policy was optimised against (SFT: the base "
-        "RM). KL to SFT is not measured at evaluation.",
+        "RM). KL to SFT: the mean over the policy's samples of sum_t log pi(y_t) - log pi_SFT(y_t) over "
+        "the response tokens (k1, at the evaluation temperature), SE clustered by prompt."
+        + (" Gold against KL to SFT along training: gold_vs_kl.png." if _has_curves(report) else ""),
     ]
+
+
+def _has_curves(report: dict) -> bool:
+    return any(row.get("curve") for row in (report.get("policies") or {}).values())
 
 
 def render_markdown(report: dict) -> str:
@@ -258,7 +266,39 @@ def plot_curves(curves: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _nan(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def plot_gold_vs_kl(report: dict, path: Path) -> None:
+    """Gold against KL to SFT along each policy's training (its "curve": SFT, snapshots, final), one
+    line per policy with both SEs as error bars (the over-optimisation curve of Gao et al.)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for name, row in report["policies"].items():
+        points = row.get("curve") or []
+        if not points:
+            continue
+        xs, ys = [_nan(p["kl_to_sft"]) for p in points], [_nan(p["gold"]) for p in points]
+        xerr, yerr = [_nan(p["kl_to_sft_se"]) for p in points], [_nan(p["gold_se"]) for p in points]
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=policy_name(name))
+    ax.set_xlabel("KL to SFT (nats per response, k1 on the policy's samples)")
+    ax.set_ylabel("gold reward")
+    ax.set_title("Gold vs KL to SFT along training (SFT, snapshots, final policy)")
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_report(out_dir: str | Path, report: dict, curves: dict) -> None:
     out_dir = Path(out_dir)
     (out_dir / "report.md").write_text(render_markdown(report))
     plot_curves(curves, out_dir / "training_curves.png")
+    if _has_curves(report):
+        plot_gold_vs_kl(report, out_dir / "gold_vs_kl.png")
