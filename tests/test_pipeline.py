@@ -76,6 +76,33 @@ def test_train_writes_report_curves_metrics_and_checkpoints(tiny_run):
         assert (tiny_run / "checkpoints" / name / "scalar_head.pt").is_file()
 
 
+def test_kl_to_sft_and_gold_vs_kl_curves(tiny_run):
+    """Every policy's KL to SFT (SFT's own: 0) and, for the trained ones, its curve: SFT start,
+    the snapshots (tiny: ppo.steps=2 and eval.curve_points=4 give one, after step 1), the final row."""
+    report = json.loads((tiny_run / "report.json").read_text())
+    rows = report["policies"]
+    assert (
+        rows["sft"]["kl_to_sft"] == 0.0 and rows["sft"]["kl_to_sft_se"] == 0.0 and "curve" not in rows["sft"]
+    )
+    keys = {"step", "fraction", "gold", "gold_se", "kl_to_sft", "kl_to_sft_se"}
+    for name, row in rows.items():
+        assert isinstance(row["kl_to_sft"], float) and row["kl_to_sft_se"] >= 0.0, name
+        if name == "sft":
+            continue
+        curve = row["curve"]
+        assert [p["step"] for p in curve] == [0, 1, 2] and [p["fraction"] for p in curve] == [0.0, 0.5, 1.0]
+        assert all(keys <= set(p) for p in curve)
+        assert curve[0]["gold"] == rows["sft"]["gold"] and curve[0]["kl_to_sft"] == 0.0
+        assert curve[-1]["gold"] == row["gold"] and curve[-1]["kl_to_sft"] == row["kl_to_sft"]
+        mid = curve[1]
+        assert 0.0 <= mid["gold"] <= 1.0 and mid["gold_se"] >= 0.0 and mid["kl_to_sft_se"] > 0.0
+        assert mid["n_prompts"] == 16 and mid["samples_per_prompt"] == 4  # min(curve_prompts, num_prompts)
+    stages = {p.name for p in (tiny_run / "curve").iterdir()}
+    assert stages == {"ppo", "ppo_oracle", "ppo_uml", "ppo_spg", "ppo_uml_spg", "ppo_spg_r2"}
+    assert (tiny_run / "gold_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
+    assert "KL to SFT ± SE" in (tiny_run / "report.md").read_text()
+
+
 def test_eval_and_sample_a_saved_policy(tiny_run, capsys):
     ckpt = tiny_run / "checkpoints"
     rc = main(["eval", "--preset", "tiny", "--policy", str(ckpt / "ppo"), "--reward-model", str(ckpt / "rm")])
