@@ -139,6 +139,15 @@ class PPOConfig:
     # min(pi_trainer / pi_generator, tis_cap) when the generator's log-probs differ from the trainer's
     # (vLLM, bf16 kernels); 0 turns it off. ~1 with the built-in generator (same math).
     tis_cap: float = 2.0
+    # Speed options (bench/bench_ppo.py's TRL-like column); the defaults keep the pipeline's results.
+    # old_logprobs: the PPO ratio's denominator. "recompute": a teacher-forced actor pass in scoring
+    # (the ratio starts at exactly 1); "generator": the rollout's own log-probs, as TRL (one actor
+    # forward fewer; the same definition, equal to the recompute within fp32 rounding with the builtin
+    # generator; with vLLM its kernels' log-probs, and no TIS weights: the ratio is to them already)
+    old_logprobs: str = "recompute"
+    # torch.optim.AdamW's implementation: "default" (torch's pick: the for-loop on CPU), "foreach",
+    # "fused" (one kernel a step; on CPU it differs from the for-loop in the last bit)
+    adamw_impl: str = "default"
 
 
 @dataclass

@@ -62,6 +62,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.pref_source": ("policy", "task"),
     "ppo.kl_kind": KL_KINDS,
     "ppo.agg": AGG_MODES,
+    "ppo.old_logprobs": ("recompute", "generator"),
+    "ppo.adamw_impl": ("default", "foreach", "fused"),
     "grpo.kl_kind": KL_KINDS,
     "grpo.agg": AGG_MODES,
     "spg.equivalence": ("answer", "final_answer", "exact"),

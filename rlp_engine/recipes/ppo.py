@@ -4,6 +4,7 @@ over algos.ppo's math.
 Old log-probs: the trainer recomputes them with the actor by teacher forcing in the scoring phase
 (`make_experience`), so the PPO ratio starts at exactly 1; the rollout generator's own log-probs
 (same definition: temperature-scaled, before top-k/top-p) are only compared, as `gen_logprob_gap`.
+ppo.old_logprobs=generator takes the generator's instead, as TRL does (one actor forward fewer).
 
 One iteration (`ppo_step`): rollout (sample responses) -> scoring (old and reference log-probs,
 values, sequence scores, KL-shaped token rewards, GAE, whitening) -> training (clipped policy and
@@ -35,6 +36,9 @@ from rlp_engine.engine.rollout import make_rollout
 from rlp_engine.models.heads import ScalarHeadModel
 from rlp_engine.models.policy import response_logprobs
 from rlp_engine.recipes.scaffold import TrainContext, minibatch_updates, run_loop
+
+# ppo.adamw_impl -> torch.optim.AdamW's keywords ("default": torch picks, the for-loop on CPU)
+ADAMW_IMPLS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
 @dataclass
@@ -106,9 +110,10 @@ def init_ppo(
     or "vllm" (engine.rollout.make_rollout; model_path: the policy's HF directory for vLLM)."""
     critic = copy.deepcopy(reward_model).train().requires_grad_(True)
     critic.encoder = None
+    impl = ADAMW_IMPLS[cfg.adamw_impl]
     handle = train_handle(
         {"actor": copy.deepcopy(policy).train(), "critic": critic},
-        lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0),
+        lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, **impl),
         max_grad_norm=cfg.max_grad_norm,
         backend=train_backend,
         stage="ppo",
@@ -135,12 +140,23 @@ def make_experience(
 ) -> Experience:
     """Scoring phase: log-probs under actor and reference, values, scores, rewards, advantages, and
     (given the generator's log-probs and cfg.tis_cap > 0) the truncated IS weights. `texts`: the
-    batch's (prompts, responses), which state.reward_fn scores when set."""
+    batch's (prompts, responses), which state.reward_fn scores when set. cfg.old_logprobs ==
+    "generator": the old log-probs are `gen_logprobs` [B, R] (required then; no IS weights)."""
     cfg = state.cfg
     mask = batch.response_mask
     ids, attn, r_len = batch.input_ids, batch.attention_mask, batch.response_len
+    from_gen = cfg.old_logprobs == "generator"
+    if from_gen and (gen_logprobs is None or gen_logprobs.shape != mask.shape):
+        got = None if gen_logprobs is None else tuple(gen_logprobs.shape)
+        raise ValueError(
+            f"make_experience: ppo.old_logprobs=generator needs gen_logprobs of shape {tuple(mask.shape)}, "
+            f"got {got}"
+        )
     with throughput.phase("scoring") as rec:
-        old_lp = response_logprobs(state.actor, ids, attn, r_len, temperature=cfg.temperature)
+        if from_gen:  # 0 off the mask, fp32, as the recompute
+            old_lp = gen_logprobs.float() * mask
+        else:
+            old_lp = response_logprobs(state.actor, ids, attn, r_len, temperature=cfg.temperature)
         ref_lp = response_logprobs(state.ref, ids, attn, r_len, temperature=cfg.temperature)
         values = critic_values(state.critic, batch) * mask
         if state.reward_fn is not None:
@@ -159,9 +175,9 @@ def make_experience(
             whiten_rewards=cfg.whiten_rewards,
             whiten_advantages=cfg.whiten_advantages,
         )
-        rec["tokens"] = 4 * batch.num_tokens()  # actor, reference, critic and reward-model passes
+        rec["tokens"] = (3 if from_gen else 4) * batch.num_tokens()  # (actor,) ref, critic, RM passes
     isw = None
-    if gen_logprobs is not None and cfg.tis_cap > 0:
+    if gen_logprobs is not None and cfg.tis_cap > 0 and not from_gen:  # from_gen: all 1
         isw = ops.truncated_is_weights(old_lp, gen_logprobs, mask, cfg.tis_cap)
     return Experience(batch, old_lp, ref_lp, values, adv, ret, scores, kl, isw)
 
