@@ -110,6 +110,24 @@ def test_killed_run_resumes_to_the_uninterrupted_result(kill, baseline, tmp_path
     _assert_same(out, baseline)
 
 
+def test_curve_snapshots_written_before_a_kill_are_not_redone(baseline, tmp_path):
+    """ppo.steps=3 and eval.curve_points=4: PPO saves its policy after steps 1 and 2 (curve/ppo/).
+    Killed right after step 2 and its checkpoint, the resumed run continues at step 2: both snapshots
+    stay as written (same files, untouched), and the curves equal the uninterrupted run's."""
+    out = tmp_path / "run"
+    first = _train(out, kill="ppo:2")
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    snaps = sorted((out / "curve" / "ppo").glob("step-*/model.safetensors"))
+    assert [p.parent.name for p in snaps] == ["step-000001", "step-000002"]
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in snaps}
+    res = _train(out, resume=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in snaps} == before
+    _assert_same(out, baseline)  # report["policies"] holds the curves
+    report = json.loads((out / "report.json").read_text())
+    assert [p["step"] for p in report["policies"]["ppo"]["curve"]] == [0, 1, 2, 3]
+
+
 def test_kill_from_outside_at_an_arbitrary_moment(baseline, tmp_path):
     """SIGKILL from another process as soon as PPO has logged a step, wherever the run then is."""
     out = tmp_path / "run"
