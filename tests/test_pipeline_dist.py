@@ -13,12 +13,14 @@ from pathlib import Path
 
 import torch
 from multiproc import clean_env, run_torchrun
+from transformers import AutoModelForCausalLM
 
 from rlp_engine.config import load_config
 from rlp_engine.engine import distributed
 from rlp_engine.engine.generate import GeneratorCache, sample
 from rlp_engine.models.loading import load_policy, load_tokenizer
 from rlp_engine.models.policy import response_logprobs
+from rlp_engine.pipeline.curves import list_snapshots, load_snapshot
 
 # The tiny preset cut to a few steps per stage: every stage runs, each rank on its share.
 SMALL = [
@@ -68,8 +70,17 @@ def test_two_process_run_writes_one_report_from_rank_zero(tmp_path):
         "report.md",
         "resume",
         "training_curves.png",
+        "curve",
+        "gold_vs_kl.png",
     }
     assert output.count("[rlp-engine] report:") == 1
+    # curve snapshots: the FSDP2-sharded actor gathered in full on both ranks, written by rank 0
+    sft = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "sft")
+    (meta, path), *_ = list_snapshots(out / "curve" / "ppo")
+    assert (meta["step"], meta["steps"]) == (1, 2)
+    snap = load_snapshot(sft, path)  # every parameter present, full shapes
+    assert any(not torch.equal(a, b) for a, b in zip(snap.parameters(), sft.parameters()))
+    assert [p["step"] for p in report["policies"]["ppo"]["curve"]] == [0, 1, 2]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     keys = [(x["stage"], x["step"]) for x in lines]
     assert len(keys) == len(set(keys))
