@@ -1,32 +1,45 @@
 """End-to-end PPO step: our `ppo_step` against TRL's PPOTrainer on the same model, batch and lengths.
 
-    .venv/bin/python bench/bench_ppo.py [--device cpu|cuda] [--threads 1] [--steps N] [--sizes default,large]
-                                        [--no-trl]
+    .venv/bin/python bench/bench_ppo.py [--device cpu|cuda] [--threads 1] [--steps N|N,M] [--sizes default,large]
+                                        [--columns trl,trl_stubbed,ours,ours_trl_like] [--no-trl]
 
 One PPO step = rollout (sample responses) -> scoring (actor, reference, critic and reward-model
 passes, KL-shaped rewards, GAE, whitening) -> training (ppo_epochs x minibatches, each one actor +
 critic forward and backward and an AdamW step), plus the train -> generate switch (offload of the
 training state, bucketed weight sync into the generation model, reload). Both sides run the
 pipeline's default PPO settings (config.PPOConfig): 64 prompts per rollout, minibatch 32, 2 epochs,
-temperature 1, kl_coef 0.0067, clip 0.2, value clip 0.2, vf_coef 0.1, lr 1e-4, gamma = lam = 1.
-Prompts are the default arithmetic task's PPO prompts, encoded by our tokenizer (byte level, 258
-tokens); TRL is given the same token ids.
+temperature 1, kl_coef 0.15, clip 0.2, value clip 0.2, vf_coef 0.1, lr 1e-4, gamma = lam = 1.
+Prompts are the default task's (data.task, "reverse") PPO prompts, encoded by our tokenizer (byte
+level); TRL is given the same token ids.
 
 Sizes (model.* and data.max_response_tokens):
 - "default": the default preset's tiny Llama (hidden 96, 2 layers, 4 heads, 0.2M parameters) and
-  6 response tokens, what `rlp-engine train` runs. Per-op overhead dominates at this size.
+  8 response tokens (T = 14 a row), what `rlp-engine train` runs. Per-op cost dominates here.
 - "large": hidden 512, 4 layers, 8 heads, intermediate 1024 (a 10.8M-parameter policy; reward model,
   critic and reference the same size), 64 response tokens: enough arithmetic that the step is not
   all overhead.
 
-Timing: one warm-up step of each side, then the median of `--steps` steps of each, the two sides
-interleaved step by step (alternating which goes first), so that both see the same load on a shared
-machine. Ours: `ppo_step` called directly, phase seconds from its Throughput (generation / scoring /
-training), switch = the bucketed sync's seconds (returned as switch_seconds) + the offload and
-reload seconds (their records, read from the rlp_engine.engine log). TRL: one `trainer.train()` of
-exactly one update per step (total_episodes = 64) on the same trainer, timed by a callback from
+Columns (--columns; each its own trainer or PPOState from the same initial weights):
+- trl: TRL as shipped. trl_stubbed: the same with its housekeeping stubbed out inside the bench
+  only (trl_housekeeping_stubbed, restored after each update): the module-level `gc` (gc.collect()
+  after scoring and after each update) and `empty_cache` (torch.*.empty_cache(), ~9 calls an update)
+  of trl.experimental.ppo.ppo_trainer become no-ops; compute, metrics (.item()), logging, accelerate
+  and Python's automatic garbage collection run as shipped. The ratio against it is compute
+  against compute.
+- ours: `ppo_step` with the pipeline's defaults. ours_trl_like: with TRL's choices, ppo.old_logprobs
+  =generator (the rollout's log-probs, one actor forward fewer in scoring) and ppo.adamw_impl=fused
+  (transformers' default optimizer on torch >= 2.8); the same math within fp32 rounding
+  (tests/test_ppo_speed_options.py), not bit-identical to the defaults.
+Timing: one warm-up step of each column, then the median (min-max) of `--steps` steps of each, the
+columns interleaved step by step (the order rotated each step), so that all see the same load on a
+shared machine. Ours: `ppo_step` called directly, phase seconds from its Throughput (generation /
+scoring / training), switch = the bucketed sync's seconds (returned as switch_seconds) + the offload
+and reload seconds (their records, read from the rlp_engine.engine log). TRL: one `trainer.train()`
+of exactly one update per step (total_episodes = 64) on the same trainer, timed by a callback from
 on_train_begin to on_step_end (the update loop's body: generation, scoring, training, its metrics
-and gc.collect calls; not the Trainer's construction).
+and gc.collect calls; not the Trainer's construction); its phases by trl_phase_clock (wraps the
+module's batch_generation and the first minibatch shuffle, np.random.permutation): other (before
+generation), generation, scoring (to the first shuffle, gc.collect included), training.
 
 Floors and predictions (written before the run):
 - Compute floor of a step, in forward-token units of one model (F = 2 x params FLOPs a token):
@@ -68,7 +81,9 @@ our step in the ratio column.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import statistics
@@ -102,6 +117,19 @@ SIZES = {
 }
 PHASES = ("generation", "scoring", "training")
 STEPS = {"default": 7, "large": 3}  # timed steps per side: ~1 s and ~1 min each on one CPU core
+# column -> its label in the table; --columns picks among them (all by default)
+COLUMNS = {
+    "trl": "trl PPOTrainer step",
+    "trl_stubbed": "trl PPOTrainer step, housekeeping stubbed",
+    "ours": "ours ppo_step",
+    "ours_trl_like": "ours ppo_step, old_logprobs=generator adamw_impl=fused",
+}
+# the PPOConfig options of the "ours_trl_like" column: TRL's old log-probs (the generator's; one
+# actor forward fewer in scoring) and TRL's AdamW (transformers' Trainer default on torch >= 2.8 is
+# adamw_torch_fused: torch.optim.AdamW(fused=True))
+TRL_LIKE = {"old_logprobs": "generator", "adamw_impl": "fused"}
+# the names in trl.experimental.ppo.ppo_trainer that trl_housekeeping_stubbed replaces
+TRL_STUBBED = ("gc", "empty_cache")
 
 
 class OffloadLog(logging.Handler):
@@ -201,12 +229,12 @@ def seq_cls_from(rm: ScalarHeadModel, policy):
     return model
 
 
-def trl_stepper(cfg, policy, rm, prompts, tokenizer, device, out_dir: str):
+def trl_stepper(cfg, policy, rm, prompts, tokenizer, device, out_dir: str, stubbed: bool = False):
     """A function that runs one TRL PPOTrainer update and returns its seconds. Each call is one
     `trainer.train()` of exactly one update (total_episodes = the rollout batch) on the same
     trainer, models and optimizer, timed from on_train_begin to on_step_end by a callback, so the
     updates can be interleaved with ours (the machine is shared: back-to-back blocks would see
-    different loads)."""
+    different loads). stubbed: each train() runs inside trl_housekeeping_stubbed()."""
     import datasets
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
@@ -271,54 +299,162 @@ def trl_stepper(cfg, policy, rm, prompts, tokenizer, device, out_dir: str):
     )
     trainer.remove_callback(PrinterCallback)  # it prints every update's metrics
 
-    def step() -> float:
+    def step() -> dict:
         stamps.clear()
-        trainer.train()
-        if len(stamps) != 2:
-            raise RuntimeError(f"trl: expected one update per train(), got {len(stamps) - 1}")
-        return stamps[1] - stamps[0]
+        clock: dict[str, float] = {}
+        with trl_phase_clock(clock), trl_housekeeping_stubbed() if stubbed else contextlib.nullcontext():
+            trainer.train()
+        if len(stamps) != 2 or len(clock) != 3:
+            raise RuntimeError(f"trl: expected one update per train(), got stamps {stamps}, clock {clock}")
+        # generation: batch_generation's call; scoring: from its return to the first minibatch shuffle
+        # (log-probs, reference / value / reward passes, GAE); training: from there to on_step_end
+        # (the minibatch updates, then the metrics); other: before generation (dataloader, unwrap)
+        return {
+            "step": stamps[1] - stamps[0],
+            "other": clock["gen_start"] - stamps[0],
+            "generation": clock["gen_end"] - clock["gen_start"],
+            "scoring": clock["train_start"] - clock["gen_end"],
+            "training": stamps[1] - clock["train_start"],
+        }
 
     return step
 
 
-def bench_size(size: str, device, steps: int, with_trl: bool, threads: int = 1) -> list[dict]:
-    """One warm-up step of each side, then `steps` of each, alternating which goes first."""
+@contextlib.contextmanager
+def trl_phase_clock(clock: dict):
+    """Stamps TRL's phases into `clock` (perf_counter seconds: gen_start, gen_end, train_start) by
+    wrapping two module-level references of trl.experimental.ppo.ppo_trainer for the duration:
+    `batch_generation` (the rollout's generation) and `np` (a proxy whose random.permutation, the
+    first minibatch shuffle, marks the start of training; everything else is numpy's)."""
+    import types
+
+    import numpy
+    from trl.experimental.ppo import ppo_trainer as mod
+
+    saved_gen, saved_np = mod.batch_generation, mod.np
+
+    def generation(*args, **kwargs):
+        sync_now = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        clock.setdefault("gen_start", time.perf_counter())
+        out = saved_gen(*args, **kwargs)
+        if sync_now is not None:
+            sync(sync_now)
+        clock.setdefault("gen_end", time.perf_counter())
+        return out
+
+    def permutation(*args, **kwargs):
+        clock.setdefault("train_start", time.perf_counter())
+        return numpy.random.permutation(*args, **kwargs)
+
+    class NumpyProxy(types.SimpleNamespace):
+        def __getattr__(self, name):
+            return getattr(numpy, name)
+
+    mod.batch_generation = generation
+    mod.np = NumpyProxy(random=types.SimpleNamespace(permutation=permutation))
+    try:
+        yield clock
+    finally:
+        mod.batch_generation, mod.np = saved_gen, saved_np
+
+
+def trl_housekeeping_stubbed(trainer_module=None):
+    """A context manager in which TRL's PPOTrainer loop skips its housekeeping calls, restored on
+    exit: the module-level references of trl.experimental.ppo.ppo_trainer `gc` (a namespace whose
+    collect() does nothing; the loop calls gc.collect() after scoring and after each update) and
+    `empty_cache` (a no-op; TRL's helper calls torch.{cuda,xpu,npu,mps,mlu}.empty_cache(), ~9 times
+    an update). Nothing else changes: the trainer's compute, its metrics (.item() reads), logging,
+    accelerate wrappers and Python's automatic garbage collection run as shipped."""
+    import types
+    from contextlib import contextmanager
+
+    @contextmanager
+    def stubbed():
+        mod = trainer_module
+        if mod is None:
+            from trl.experimental.ppo import ppo_trainer as mod
+        saved = {name: getattr(mod, name) for name in TRL_STUBBED}
+        mod.gc = types.SimpleNamespace(collect=lambda *a, **k: 0)
+        mod.empty_cache = lambda: None
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(mod, name, value)
+
+    return stubbed()
+
+
+def run_columns(steppers: dict, steps: int) -> dict[str, list]:
+    """One warm-up step of each column, then `steps` of each, interleaved: step i runs the columns in
+    the order rotated by i (each column goes first as often as the others), so all see the same load."""
+    names = list(steppers)
+    runs: dict[str, list] = {k: [] for k in names}
+    for i in range(steps + 1):
+        for who in names[i % len(names) :] + names[: i % len(names)]:
+            runs[who].append(steppers[who]())
+    return {k: v[1:] for k, v in runs.items()}  # the warm-up step dropped
+
+
+def column_rows(label: str, runs: list[dict], shape: str, baselines: dict[str, float]) -> list[dict]:
+    """Rows of one column: the step (one row per TRL baseline, ratio = baseline / this column; a
+    TRL column is its own baseline's row, ratio 1) and its phases (ratio = share of the step)."""
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    ms = spread([r["step"] * 1e3 for r in runs])
+    rows = [{"variant": label, "shape": shape, **ms, "ratio": None}] if not baselines else []
+    for base, base_s in baselines.items():
+        name = label if base == label else f"{label} (ratio vs {base})"
+        rows.append({"variant": name, "shape": shape, **ms, "ratio": base_s / med["step"]})
+    for k in [k for k in ("other", "switch", *PHASES) if k in med]:
+        tok_s = med.get("tokens", 0.0) / max(med["generation"], 1e-9)
+        name = f"{label}: {k}" + (f" ({tok_s:.0f} tok/s)" if k == "generation" and tok_s else "")
+        phase_ms = spread([r[k] * 1e3 for r in runs])
+        rows.append(
+            {
+                "variant": name + " (share of step in ratio)",
+                "shape": shape,
+                **phase_ms,
+                "ratio": med[k] / med["step"],
+            }
+        )
+    return rows
+
+
+def bench_size(size: str, device, steps: int, columns: list[str], threads: int = 1) -> list[dict]:
+    """The `columns` (among COLUMNS) of one size, interleaved (run_columns); rows for print_table."""
     cfg, policy, rm, prompts, tokenizer = setup(size, device)
     shape = shape_of(cfg, policy)
-    reason = trl_reason() if with_trl else "--no-trl"
+    want_trl = [c for c in columns if c.startswith("trl")]
+    reason = trl_reason() if want_trl else None
     if reason is not None:
-        print(f"[bench_ppo] TRL row skipped: {reason}", file=sys.stderr)
-    ours_runs: list[dict] = []
-    trl_runs: list[float] = []
+        print(f"[bench_ppo] TRL columns skipped: {reason}", file=sys.stderr)
+        columns = [c for c in columns if not c.startswith("trl")]
+    steppers = {}
     with tempfile.TemporaryDirectory() as out_dir:
-        ours = ours_stepper(cfg, policy, rm, prompts, tokenizer, device)
-        trl = None if reason else trl_stepper(cfg, policy, rm, prompts, tokenizer, device, out_dir)
+        for c in columns:
+            if c.startswith("ours"):
+                ppo_cfg = dataclasses.replace(cfg.ppo, **(TRL_LIKE if c == "ours_trl_like" else {}))
+                steppers[c] = ours_stepper(
+                    dataclasses.replace(cfg, ppo=ppo_cfg), policy, rm, prompts, tokenizer, device
+                )
+            else:
+                sub = Path(out_dir) / c
+                steppers[c] = trl_stepper(
+                    cfg, policy, rm, prompts, tokenizer, device, str(sub), c == "trl_stubbed"
+                )
         if torch.get_num_threads() != threads:  # accelerate's setup must not have changed it
             raise RuntimeError(f"torch threads changed to {torch.get_num_threads()}, expected {threads}")
-        for i in range(steps + 1):
-            order = ("ours", "trl") if i % 2 == 0 else ("trl", "ours")
-            for who in order:
-                if who == "ours":
-                    ours_runs.append(ours())
-                elif trl is not None:
-                    trl_runs.append(trl())
-    med = {k: statistics.median(r[k] for r in ours_runs[1:]) for k in ours_runs[0]}
+        runs = run_columns(steppers, steps)
+    trl_cols = [c for c in ("trl", "trl_stubbed") if c in runs]
+    baselines = {COLUMNS[c]: statistics.median(r["step"] for r in runs[c]) for c in trl_cols}
     rows = []
-    ratio = None
-    if trl_runs:
-        trl_s = statistics.median(trl_runs[1:])
-        trl_ms = spread([s * 1e3 for s in trl_runs[1:]])  # min/median/max of the timed steps
-        rows.append({"variant": "trl PPOTrainer step", "shape": shape, **trl_ms, "ratio": 1.0})
-        ratio = trl_s / med["step"]
-    ours_ms = spread([r["step"] * 1e3 for r in ours_runs[1:]])
-    rows.append({"variant": "ours ppo_step", "shape": shape, **ours_ms, "ratio": ratio})
-    tok_s = med["tokens"] / max(med["generation"], 1e-9)
-    for k in ("switch", *PHASES):
-        label = f"ours {k}" + (f" ({tok_s:.0f} tok/s)" if k == "generation" else "")
-        label += " (share of step in ratio)"
-        phase_ms = spread([r[k] * 1e3 for r in ours_runs[1:]])
-        rows.append({"variant": label, "shape": shape, **phase_ms, "ratio": med[k] / med["step"]})
-    print(f"[bench_ppo] {size}: ours steps s {[round(r['step'], 3) for r in ours_runs]}, trl {trl_runs}")
+    for c in [c for c in COLUMNS if c in runs]:
+        # ours: against every TRL column; a TRL column: against the shipped TRL and itself (ratio 1)
+        own = (COLUMNS["trl"], COLUMNS[c])
+        base = baselines if c.startswith("ours") else {k: v for k, v in baselines.items() if k in own}
+        rows += column_rows(COLUMNS[c], runs[c], shape, base)
+    steps_s = {c: [round(r["step"], 3) for r in v] for c, v in runs.items()}
+    print(f"[bench_ppo] {size}: step seconds {steps_s}")
     return rows
 
 
@@ -327,25 +463,42 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--steps", type=int, default=None, help=f"timed steps after one warm-up step (default {STEPS})"
+        "--steps",
+        default=None,
+        help=f"timed steps after a warm-up step: N, or one per --sizes entry (7,2); default {STEPS}",
     )
     parser.add_argument("--sizes", default="default,large", help=f"comma list among {sorted(SIZES)}")
-    parser.add_argument("--no-trl", action="store_true", help="skip the TRL baseline")
+    parser.add_argument("--no-trl", action="store_true", help="skip the TRL columns")
+    parser.add_argument(
+        "--columns", default=",".join(COLUMNS), help=f"comma list among {list(COLUMNS)} (default: all)"
+    )
     add_csv_args(parser)
     args = parser.parse_args()
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
         parser.error(f"--sizes: unknown {unknown}; expected among {sorted(SIZES)}")
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()]
+    if not columns or any(c not in COLUMNS for c in columns):
+        parser.error(f"--columns: expected a comma list among {list(COLUMNS)}, got {args.columns!r}")
+    if args.no_trl:
+        columns = [c for c in columns if not c.startswith("trl")]
+    try:
+        steps = [int(n) for n in args.steps.split(",")] if args.steps else [STEPS[s] for s in sizes]
+    except ValueError:
+        parser.error(f"--steps: expected N or a comma list of ints, got {args.steps!r}")
+    steps = steps * len(sizes) if len(steps) == 1 else steps
+    if len(steps) != len(sizes) or min(steps) < 1:
+        parser.error(f"--steps must be >= 1, one value or one per size {sizes}, got {args.steps}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     rows = []
-    for size in sizes:  # ops on the per-device default backend, as run.backend="auto"
-        rows += bench_size(size, device, args.steps or STEPS[size], not args.no_trl, args.threads)
-    title = f"PPO step ({device}, ratio = trl ms / ours ms; phase rows: share of our step)"
+    for size, n in zip(sizes, steps):  # ops on the per-device default backend, as run.backend="auto"
+        rows += bench_size(size, device, n, columns, args.threads)
+    title = (
+        f"PPO step ({device}; ratio: TRL column's ms / this row's; phase rows: share of the column's step)"
+    )
     print_table(title, rows)
     save_rows(args, "ppo_step", device, rows)
 
