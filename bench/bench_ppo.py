@@ -1,7 +1,7 @@
 """End-to-end PPO step: our `ppo_step` against TRL's PPOTrainer on the same model, batch and lengths.
 
-    .venv/bin/python bench/bench_ppo.py [--device cpu|cuda] [--threads 1] [--steps N|N,M] [--sizes default,large]
-                                        [--columns trl,trl_stubbed,ours,ours_trl_like] [--no-trl]
+    .venv/bin/python bench/bench_ppo.py [--device cpu|cuda] [--threads 1] [--steps N|N,M]
+        [--sizes default,large] [--columns trl,trl_stubbed,ours,ours_trl_like] [--no-trl]
 
 One PPO step = rollout (sample responses) -> scoring (actor, reference, critic and reward-model
 passes, KL-shaped rewards, GAE, whitening) -> training (ppo_epochs x minibatches, each one actor +
