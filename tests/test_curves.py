@@ -77,6 +77,15 @@ def test_sequence_kl_matches_float64(temperature, chunk):
     torch.testing.assert_close(lens, batch.response_mask.sum(-1).double())
 
 
+def test_sequence_kl_computes_repeated_rows_once_with_the_same_values():
+    policy, ref, batch = _model(1), _model(2), _batch(3)
+    order = torch.tensor([4, 0, 4, 2, 0, 0, 1, 3, 4])  # every row, some several times
+    kl, lens = sequence_kl(policy, ref, batch.select(order), 0.7, 2)
+    want, want_lens = sequence_kl(policy, ref, batch, 0.7, 64)
+    torch.testing.assert_close(kl, want[order], atol=1e-6, rtol=1e-6)
+    assert torch.equal(lens, want_lens[order]) and kl[0] == kl[2] == kl[8]
+
+
 def test_sequence_kl_of_a_policy_to_itself_is_zero():
     policy, batch = _model(4), _batch(5)
     kl, _ = sequence_kl(policy, copy.deepcopy(policy), batch, 0.7, 3)  # same weights, another module
