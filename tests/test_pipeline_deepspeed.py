@@ -145,6 +145,15 @@ def test_zero3_weights_match_fsdp2(runs):
     sft, ppo = _weights(zero3, "sft"), _weights(zero3, "ppo")
     init = {k: v for k, v in _initial_policy().items() if k in sft}
     assert _max_diff(sft, init) > 50 * TOL and _max_diff(ppo, sft) > 50 * TOL
+    # PPO's curve snapshot after step 1 (eval.curve_points=4 of 2 steps): the ZeRO-3 actor gathered
+    # by every rank and written by rank 0 before rank 1 was killed at ppo:1 (the resume starts after it)
+    from safetensors.torch import load_file
+
+    snaps = [
+        load_file(str(out / "curve" / "ppo" / "step-000001" / "model.safetensors")) for out in (zero3, fsdp2)
+    ]
+    assert snaps[0].keys() == sft.keys() and _max_diff(*snaps) < TOL
+    assert _max_diff(snaps[0], sft) > 10 * TOL and _max_diff(snaps[0], ppo) > 10 * TOL
 
 
 def test_zero3_guard_skips_nonfinite_loss_and_gradient_on_every_rank(tmp_path):
