@@ -161,3 +161,29 @@ def test_snapshot_listing_skips_unfinished_and_refuses_a_wrong_model(tmp_path):
     bigger = tiny_llama(0, vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=3)
     with pytest.raises(ValueError, match="lacks"):
         load_snapshot(bigger, snaps[0][1])
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["eval.curve_points=-1", "eval.curve_prompts=0", "eval.curve_samples=0", "eval.curve_points=1.5"],
+)
+def test_curve_options_are_validated_naming_the_key(override):
+    from rlp_engine.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(None, [override])
+    assert load_config(None, ["eval.curve_points=0"]).eval.curve_points == 0  # 0: curves off
+
+
+def test_curve_points_zero_turns_curves_off_and_keeps_kl(tmp_path):
+    from rlp_engine.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--output-dir", str(out), "run.stages=dpo", "run.tensorboard=false"]
+    assert main([*args, "eval.curve_points=0", "run.threads=1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["policies"]) == {"sft", "ppo", "dpo"}
+    assert all(
+        "curve" not in row and isinstance(row["kl_to_sft"], float) for row in report["policies"].values()
+    )
+    assert not (out / "curve").exists() and not (out / "gold_vs_kl.png").exists()
