@@ -214,14 +214,20 @@ def evaluate_curves(run, data, tokenizer, policies: dict, report: dict) -> None:
     """report["policies"][p]["curve"] for every policy p whose stage saved snapshots (module
     docstring): [{"step", "fraction", "gold", "gold_se", "kl_to_sft", "kl_to_sft_se", "n_prompts",
     "samples_per_prompt"}], from SFT (step 0, KL 0, its full-evaluation gold) through the snapshots to
-    the policy's full evaluation (fraction 1). Runs after every other draw of the evaluation."""
-    cfg = run.cfg
-    rows = report["policies"]
-    if not cfg.eval.curve_points or "sft" not in policies:
+    the policy's full evaluation (fraction 1); report["eval"]["curve"]: the settings and seed. Runs
+    after every other draw of the evaluation."""
+    cfg, e, rows = run.cfg, run.cfg.eval, report["policies"]
+    if not e.curve_points or "sft" not in policies:
         return
-    prompts = data.eval_prompts[: min(cfg.eval.curve_prompts, cfg.eval.num_prompts)]
+    prompts = data.eval_prompts[: min(e.curve_prompts, e.num_prompts)]
     seed = cfg.run.seed + CURVE_SEED_OFFSET
     sft = policies["sft"]
+    report["eval"]["curve"] = {
+        "points": e.curve_points,
+        "n_prompts": len(prompts),
+        "samples": e.curve_samples,
+    }
+    report["eval"]["curve"]["seed"] = seed
     start = {**_row_point(rows["sft"], 0, 0.0), "kl_to_sft": 0.0, "kl_to_sft_se": 0.0}
     for name in policies:
         snaps = list_snapshots(Path(run.out) / CURVE_DIR / curve_stage(name))
