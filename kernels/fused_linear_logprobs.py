@@ -6,10 +6,10 @@ Three implementations with one interface (`*_forward`, `*_backward`, `*_fused_pa
 - Triton (GPU; CPU under TRITON_INTERPRET=1): the forward is a matmul whose epilogue is an online
   logsumexp; each program owns a block of rows and one slice of the vocab and writes per-row partial
   (max, sum exp, sum exp*z, z[y]), combined over the slices by one small kernel
-  (kernels/fused_linear_combine.py). The backward recomputes logit tiles and writes dz = g_lp (onehot - p) - g_H p (log p + H) for a chunk of
-  rows into a [C, V] buffer; grad_hidden = dz W and grad_weight += dz^T h run as cuBLAS GEMMs (fusing
-  them means a read-modify-write of a [BLOCK, H] fp32 slab per tile, ~0.5 TB at N=16k V=131k, vs
-  writing dz once, N V 2 B = 4 GB in bf16).
+  (kernels/fused_linear_combine.py). The backward recomputes logit tiles and writes dz = g_lp
+  (onehot - p) - g_H p (log p + H) for a chunk of rows into a [C, V] buffer; grad_hidden = dz W and
+  grad_weight += dz^T h run as cuBLAS GEMMs (fusing them means a read-modify-write of a [BLOCK, H]
+  fp32 slab per tile, ~0.5 TB at N=16k V=131k, vs writing dz once, N V 2 B = 4 GB in bf16).
 - Chunked torch (the CPU path, also any device): forward and backward walk [R, Vc] tiles (all rows
   while the scratch budget leaves >= 256 vocab columns) with an online logsumexp across vocab chunks,
   so the GEMMs keep a large M and grad_weight is written once per row block. The fused pass (row

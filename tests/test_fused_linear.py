@@ -2,11 +2,11 @@
 chunked-torch path and the Triton kernels (interpreter on CPU, small shapes)."""
 
 import pytest
-import rlp_engine.kernels.fused_linear_logprobs as K
 import torch
 import torch.nn.functional as F
-from rlp_engine.kernels.fused_linear_logprobs import fused_linear_logprobs_ref
 
+import rlp_engine.kernels.fused_linear_logprobs as K
+from rlp_engine.kernels.fused_linear_logprobs import fused_linear_logprobs_ref
 from rlp_engine.ops import (
     AGG_MODES,
     KL_KINDS,

@@ -4,8 +4,8 @@ written out here independently of gae_ref)."""
 import pytest
 import torch
 from conftest import device_for
-from rlp_engine.kernels.gae import gae_forward, gae_ref
 
+from rlp_engine.kernels.gae import gae_forward, gae_ref
 from rlp_engine.ops import backend, compute_gae
 from rlp_engine.ops._backend import select
 

@@ -183,4 +183,5 @@ def test_arena_methods_run_under_torchrun_with_replicas_in_step(tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     keys = [(x["stage"], x["step"]) for x in lines]
     assert len(keys) == len(set(keys))  # rank 0 alone logs
-    assert {"dpo", "grpo", "rm_ens_m0", "ppo_ens_mean", "rm_ens_spg_m0", "ppo_rlp_ens"} <= {s for s, _ in keys}
+    logged = {s for s, _ in keys}
+    assert {"dpo", "grpo", "rm_ens_m0", "ppo_ens_mean", "rm_ens_spg_m0", "ppo_rlp_ens"} <= logged
