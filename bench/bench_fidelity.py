@@ -337,6 +337,7 @@ def run_seed(seed: int, out: Path, preset: str | None, overrides: list[str]) -> 
     # PYTHONSAFEPATH and cwd outside the repo: the repo's top-level kernels/ must not shadow the
     # installed `kernels` package that transformers imports.
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    print(f"[bench_fidelity] seed {seed}: started", flush=True)
     start = time.perf_counter()
     with open(sdir / "bench.log", "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
@@ -363,8 +364,7 @@ def run_all(seeds: list[int], out: Path, args) -> list[int]:
             print(f"[bench_fidelity] seed {s}: {out / f'seed_{s}'}/report.json exists, skipped", flush=True)
     failed = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for s in todo:
-            print(f"[bench_fidelity] seed {s}: started (log: {out / f'seed_{s}' / 'bench.log'})", flush=True)
+        print(f"[bench_fidelity] seeds {todo}, {args.jobs} at a time: {out}/seed_*/bench.log", flush=True)
         for seed, rc, secs in pool.map(lambda s: run_seed(s, out, args.preset, args.overrides), todo):
             done = rc == 0 and (out / f"seed_{seed}" / "report.json").is_file()
             print(
