@@ -77,7 +77,25 @@ def test_new_structure_renders_se_deltas_and_readable_names():
     assert "| RM RLP-SPG (round 2) | 0.812 ± 0.024 | 0.800 ± 0.020 | 0.800 ± 0.040 |" in md
     assert "| 0.500 ± 0.050 (0.312) |" in md
     assert "On-policy: 300 gold-labelled pairs" in md and "256 pairs on held-out prompts" in md
-    assert "| total | 2.0 |" in md and "## Time" in md
+    assert "| total | 2.0 | | | |" in md and "## Time" in md
+    assert "| sft | 1.0 | n/a | n/a | n/a |" in md  # no stage_throughput in this report
+
+
+def test_time_table_gives_each_stage_its_tokens_per_second():
+    phase = {"tokens": 300.0, "seconds": 0.5, "tokens_per_s": 600.0}
+    report = {
+        "stage_seconds": {"sft": 1.0, "ppo": 3.0, "eval": 0.5},
+        "total_seconds": 4.5,
+        "stage_throughput": {
+            "sft": {"training": phase},
+            "ppo": {"training": phase, "generation": {**phase, "tokens_per_s": 1234.4}},
+        },
+    }
+    md = render_markdown(report)
+    assert "| stage | seconds | training tokens/s | generation tokens/s | scoring tokens/s |" in md
+    assert "| sft | 1.0 | 600 | n/a | n/a |" in md
+    assert "| ppo | 3.0 | 600 | 1234 | n/a |" in md
+    assert "| eval | 0.5 | n/a | n/a | n/a |" in md
 
 
 def test_kl_column_and_gold_vs_kl_plot(tmp_path):

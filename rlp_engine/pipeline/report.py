@@ -181,6 +181,22 @@ def _has_curves(report: dict) -> bool:
     return any(row.get("curve") for row in (report.get("policies") or {}).values())
 
 
+PHASES = ("training", "generation", "scoring")
+
+
+def _time_table(report: dict) -> list[str]:
+    """Seconds per stage and, where the report has stage_throughput, each phase's tokens/s in it."""
+    per = report.get("stage_throughput") or {}
+    lines = ["| stage | seconds | " + " | ".join(f"{p} tokens/s" for p in PHASES) + " |"]
+    lines.append("|---" * (2 + len(PHASES)) + "|")
+    for k, v in report["stage_seconds"].items():
+        rates = [_fmt((per.get(k) or {}).get(p, {}).get("tokens_per_s"), 0) for p in PHASES]
+        lines.append(f"| {k} | {v:.1f} | " + " | ".join(rates) + " |")
+    if "total_seconds" in report:
+        lines.append(f"| total | {report['total_seconds']:.1f} |" + " |" * len(PHASES))
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     """report.md from report.json's dict; sections whose keys are missing are left out."""
     lines = ["# rlp-engine run report", ""]
@@ -218,10 +234,7 @@ def render_markdown(report: dict) -> str:
             f"encoder means' spread across inputs {_fmt(u['mu_std'])} (mean size {_fmt(u['mu_norm'])}).",
         ]
     if "stage_seconds" in report:
-        lines += ["", "## Time", "", "| stage | seconds |", "|---|---|"]
-        lines += [f"| {k} | {v:.1f} |" for k, v in report["stage_seconds"].items()]
-        if "total_seconds" in report:
-            lines.append(f"| total | {report['total_seconds']:.1f} |")
+        lines += ["", "## Time", ""] + _time_table(report)
     if report.get("throughput"):
         lines += ["", "| phase | tokens | seconds | tokens/s |", "|---|---|---|---|"]
         for k, v in report["throughput"].items():
