@@ -60,15 +60,24 @@ Floors and predictions (written before the run):
   step of ~1 s and ~30 s. On GPU the switch also moves the AdamW state and grads to pinned host
   memory and back (3x the parameter bytes each way at ~25 GB/s PCIe) while the step shrinks ~100x,
   so the GPU row is the one that tests the target.
-- Measured (shared 2-core CPU under a load average of 3-4.5, one thread, interleaved): "default"
-  918 ms vs TRL 1433 ms (1.56x), "large" 56.7 s vs 61.3 s (1.08x, steps spread 53-68 s on both
-  sides: parity within noise; an earlier non-interleaved run gave 0.88x). Switch 6 ms (0.7%) and
-  15 ms (0.03%) of the step.
+- Measured 2026-11-23 (AMD EPYC, load 3-4.5, two columns): "default" 918 ms vs TRL 1433 ms
+  (1.56x), "large" 56.7 s vs 61.3 s (1.08x).
+- Measured 2026-12-06 (Intel Xeon, shared 2-core, one thread, four columns interleaved; two runs,
+  medians with min-max; bench/results.csv): "default" (7 steps) TRL 389 ms (335-416 | 293-424),
+  TRL stubbed 178 (172-204 | 119-200), ours 182 (170-203 | 119-222), ours TRL-like 167 (161-172 |
+  107-178): ours 2.14x / 2.08x TRL as shipped and 0.98x / 1.00x TRL stubbed; TRL-like 2.33x / 2.34x
+  and 1.07x / 1.13x. TRL's gc.collect after scoring is ~200 ms, half its step. "large" (2 | 4
+  steps) TRL 13.0 s / 12.7 s, stubbed 13.3 / 12.4, ours 13.6 / 13.8 (0.96x / 0.92x TRL),
+  TRL-like 12.5 / 13.3 (1.04x / 0.955x); single steps spread 10.7-14.6 s across columns: parity
+  within noise. Load averages 1.9/1.6/1.7 and 3.8/2.9/2.2 when the runs ended. The targets (3x
+  and 2x stubbed at "default", 1.25x at "large") are not met: against TRL's compute both sides
+  run the same HF Llama passes (see the phase rows and bench/NOTES.md). Switch < 1% of the step.
 
 Not matched (TRL's design, stated in the notes): TRL's reward model and value head are
 LlamaForSequenceClassification (bias-free score head; ours has a bias), it clips no gradient norm
 (ours clips at 1.0), its advantages are whitened as ours but its rewards are not whitened
-(whiten_rewards=False; ours whitens the 64 sequence scores, a 64-element op), and it takes the
+(whiten_rewards=False; ours whitens the 64 sequence scores, a 64-element op), its AdamW is the
+fused one (ours: torch's for-loop unless ppo.adamw_impl), and it takes the
 rollout's old log-probs from the generation logits instead of a teacher-forced actor pass. Response
 lengths: both sides sample up to R tokens and stop a row at eos; with random weights few rows emit
 it (ours: ~3.7k of 4096 response tokens a "large" step), TRL's lengths are not logged here.
