@@ -1,10 +1,15 @@
 """PPO's speed options (config.PPOConfig, bench/bench_ppo.py's TRL-like column): ppo.old_logprobs =
 "generator" (the rollout's log-probs as the PPO ratio's denominator, as TRL) and ppo.adamw_impl
 ("foreach", "fused"). Each: its config key, the same math as the default within fp32 rounding
-(checked against float64), and a PPO run with it that still lowers its loss."""
+(checked against float64), and a PPO run with it that still lowers its loss. Also bench_ppo's stub of
+TRL's housekeeping calls (what it replaces, and that it restores them)."""
 
 import copy
 import dataclasses
+import importlib.util
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,3 +195,40 @@ def test_ppo_update_with_the_option_lowers_its_loss_on_a_fixed_batch(tiny, optio
     assert metrics["skipped_updates"] == 0.0
     moved = any((a - b).abs().max() > 0 for a, b in zip(state.actor.parameters(), policy.parameters()))
     assert moved
+
+
+# ---------------------------------------------------------------- the bench's TRL housekeeping stub
+
+
+def _bench_ppo():
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    sys.path.insert(0, str(bench))  # bench_ppo imports common from its own folder
+    try:
+        spec = importlib.util.spec_from_file_location("bench_ppo_under_test", bench / "bench_ppo.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(bench))
+
+
+def test_trl_housekeeping_stub_replaces_only_its_names_and_restores_them():
+    """On a stand-in for trl's ppo_trainer module: inside the context gc.collect and empty_cache do
+    nothing, every other name is untouched; on exit (an exception too) the originals are back."""
+    bench = _bench_ppo()
+    calls = []
+    mod = types.ModuleType("fake_ppo_trainer")
+    mod.gc = types.SimpleNamespace(collect=lambda: calls.append("collect") or 7)
+    mod.empty_cache = lambda: calls.append("empty_cache")
+    mod.torch, mod.batch_generation = torch, object()
+    before = dict(vars(mod))
+    assert set(bench.TRL_STUBBED) == {"gc", "empty_cache"}
+    with bench.trl_housekeeping_stubbed(mod):
+        assert mod.gc.collect() == 0 and mod.empty_cache() is None and calls == []
+        assert mod.torch is torch and mod.batch_generation is before["batch_generation"]
+    assert dict(vars(mod)) == before
+    with pytest.raises(RuntimeError, match="boom"), bench.trl_housekeeping_stubbed(mod):
+        raise RuntimeError("boom")
+    assert dict(vars(mod)) == before
+    mod.gc.collect(), mod.empty_cache()
+    assert calls == ["collect", "empty_cache"]
