@@ -13,6 +13,8 @@ GPU (--device cuda), N=16384, H=4096, V=131072 bf16: 2NHV = 17.6 TFLOP, ~18 ms a
 fwd+bwd with recompute 8NHV, ~71 ms. The plain cuBLAS GEMM of the same size is timed too, and each
 time is given as a % of the matmul rate (useful GEMMs, 1 forward and 3 forward + backward, / time).
 Predicted: forward at 60-70% of the cuBLAS rate, fwd+bwd at 55-65% (4 GEMMs' work for 3 useful).
+On GPU the chunked torch path (cuBLAS on [C, V] chunks; its PPO pass 3 GEMMs) is timed beside the
+Triton one ("fused-chunked" rows), to decide which the fused PPO pass should take there.
 
 Liger-Kernel (LigerFusedLinearCrossEntropyLoss, reduction="none": logprob = -loss) and verl's chunked
 torch FusedLinearForPPO run when importable; otherwise a note is printed.
@@ -47,7 +49,7 @@ from common import (  # noqa: E402
 )
 
 from rlp_engine.kernels import fused_linear_logprobs as K  # noqa: E402
-from rlp_engine.ops import fused_linear_logprobs, fused_linear_ppo_loss, ppo_policy_loss  # noqa: E402
+from rlp_engine.ops import backend, fused_linear_logprobs, fused_linear_ppo_loss, ppo_policy_loss  # noqa: E402
 
 
 def naive_logprobs(h, w, y):
@@ -140,6 +142,24 @@ def run(args):
         measure(f"{name} ppo-loss fwd+bwd", ppo)
     if device == "cuda":
         measure("cuBLAS matmul [N,H]x[H,V]", lambda: h @ w.t())
+        # The chunked torch path on the GPU: cuBLAS GEMMs over [C, V] row chunks. Its PPO pass
+        # differentiates from the logits in hand (3 GEMMs, each chunk's logits written and read once)
+        # where the Triton pass recomputes them (4 GEMMs, no logits in memory): which wins is for the
+        # GPU to say (predicted: the chunked pass ~10-20% faster at H=4096, where a GEMM costs more
+        # than the 2 x C x V x 4 bytes of its chunk's traffic; slower at small H).
+
+        def chunked_logprobs():
+            with backend("torch"):
+                fused_linear_logprobs(hg, wg, y).sum().backward()
+            hg.grad = wg.grad = None
+
+        def chunked_ppo():
+            with backend("torch"):
+                fused_ppo(hg, wg, y, old, adv, mask).backward()
+            hg.grad = wg.grad = None
+
+        measure("fused-chunked fwd+bwd", chunked_logprobs)
+        measure("fused-chunked ppo-loss fwd+bwd", chunked_ppo)
     return rows, shape
 
 
