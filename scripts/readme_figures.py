@@ -53,6 +53,9 @@ def extract(report: dict, commit: str) -> dict:
             "win_rate": row["win_rate"],
             "diff_vs_sft": None if not diff else {"gold": diff["gold"], "gold_se": diff["gold_se"]},
         }
+        if row.get("kl_to_sft") is not None:  # reports before the KL column lack it
+            policies[name]["kl_to_sft"] = row["kl_to_sft"]
+            policies[name]["kl_to_sft_se"] = row["kl_to_sft_se"]
     return {
         "commit": commit,
         "machine": report["machine"],
@@ -78,6 +81,7 @@ def _seconds(stages: dict[str, float]) -> str:
 def render(fig: dict) -> str:
     """The block's markdown (between the markers) from extract()'s dict."""
     m, ev = fig["machine"], fig["eval"]
+    kl = all("kl_to_sft" in p for p in fig["policies"].values())
     threads = f"{m['threads']} thread" + ("s" if m["threads"] != 1 else "")
     sentence = (
         f"The default run (`bash scripts/run.sh`, seed {ev['seed']}, deterministic) at commit "
@@ -85,20 +89,21 @@ def render(fig: dict) -> str:
         f"on {m['device']} ({threads}, world size {m['world_size']}): pipeline {fig['total_seconds']:.0f} s "
         f"({_seconds(fig['stage_seconds'])}; {ev['n_prompts']} held-out prompts x "
         f"{ev['samples_per_prompt']} samples per policy). Held-out gold ± prompt-clustered SE (Δ vs SFT, "
-        "paired):"
+        "paired" + ("; KL to the SFT policy in nats per response" if kl else "") + "):"
     )
-    lines = [
-        textwrap.fill(sentence, width=100, break_on_hyphens=False),
-        "",
-        "| policy | gold | exact | Δ gold vs SFT | win-rate vs demonstrator |",
-        "|---|---|---|---|---|",
-    ]
+    head = "| policy | gold | exact | Δ gold vs SFT | win-rate vs demonstrator |" + (
+        " KL to SFT |" if kl else ""
+    )
+    lines = [textwrap.fill(sentence, width=100, break_on_hyphens=False), "", head, "|---" * (5 + kl) + "|"]
     for name, label in POLICIES.items():
         p = fig["policies"][name]
         d = p["diff_vs_sft"]
         delta = " " if d is None else f" {d['gold']:+.3f} ± {d['gold_se']:.3f} "
         gold = f"{p['gold']:.3f} ± {p['gold_se']:.3f}"
-        lines.append(f"| {label} | {gold} | {p['exact']:.3f} |{delta}| {p['win_rate']:.1f}% |")
+        row = f"| {label} | {gold} | {p['exact']:.3f} |{delta}| {p['win_rate']:.1f}% |"
+        if kl:  # nats per response, k1 on the policy's own samples
+            row += " 0 |" if name == "sft" else f" {p['kl_to_sft']:.2f} ± {p['kl_to_sft_se']:.2f} |"
+        lines.append(row)
     return "\n".join(lines) + "\n"
 
 

@@ -77,3 +77,18 @@ def test_missing_markers_and_commit_are_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         figures.main(["--from-report", str(tmp_path / "report.json")])
     assert "--from-report needs --commit" in capsys.readouterr().err
+
+
+def test_kl_to_sft_column_when_the_report_has_it():
+    report = _report()
+    for i, row in enumerate(report["policies"].values()):
+        row["kl_to_sft"], row["kl_to_sft_se"] = 0.25 * i, 0.01 * i
+    fig = figures.extract(report, "abc1234")
+    assert fig["policies"]["ppo"]["kl_to_sft"] == 0.25
+    block = figures.render(fig)
+    assert "| policy | gold | exact | Δ gold vs SFT | win-rate vs demonstrator | KL to SFT |" in block
+    assert "|---|---|---|---|---|---|" in block and "KL to the SFT policy in nats per response" in block
+    assert "| SFT | 0.500 ± 0.010 | 0.400 | | 50.0% | 0 |" in block
+    assert "| PPO | 0.550 ± 0.010 | 0.450 | +0.050 ± 0.020 | 51.0% | 0.25 ± 0.01 |" in block
+    # a report without KL (as before the column) renders the five columns
+    assert "KL to SFT" not in figures.render(figures.extract(_report(), "abc1234"))
