@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from tiny import tiny_preset
 
 from rlp_engine import ops
 from rlp_engine.algos import (
@@ -18,10 +19,9 @@ from rlp_engine.algos import (
     synthetic_preferences,
 )
 from rlp_engine.algos.rlp import EQUIVALENCES, MultiViewData
-from rlp_engine.config import load_config
 from rlp_engine.engine.generate import sample
 from rlp_engine.engine.metrics import Throughput
-from rlp_engine.models import GaussianEncoder, ScalarHeadModel, tiny_llama, train_byte_tokenizer
+from rlp_engine.models import GaussianEncoder, ScalarHeadModel
 from rlp_engine.recipes.ppo import init_ppo, make_experience, ppo_losses, train_on_experience
 from rlp_engine.recipes.rlp import ib_aux_loss
 
@@ -94,11 +94,7 @@ def test_bt_loss_and_shaped_rewards_hand_worked():
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = load_config(preset="tiny")
-    tok = train_byte_tokenizer(["0123456789+="])
-    torch.manual_seed(0)
-    policy = tiny_llama(cfg.model, tok)
-    return cfg, tok, policy
+    return tiny_preset()
 
 
 def test_multiview_data_uses_two_different_responses(tiny):

@@ -8,12 +8,13 @@ import math
 
 import pytest
 import torch
+from tiny import tiny_preset
 
 from rlp_engine.algos.grpo import group_index, grpo_loss, outcome_advantages
 from rlp_engine.config import load_config
 from rlp_engine.engine.generate import sample
 from rlp_engine.engine.metrics import Throughput
-from rlp_engine.models import ScalarHeadModel, tiny_llama, train_byte_tokenizer
+from rlp_engine.models import ScalarHeadModel
 from rlp_engine.recipes.grpo import grpo, grpo_losses, init_grpo, make_group_experience, train_on_groups
 from rlp_engine.recipes.scaffold import TrainContext
 
@@ -122,11 +123,7 @@ def test_grpo_loss_at_the_reference_is_minus_the_mean_advantage():
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = load_config(preset="tiny")
-    tok = train_byte_tokenizer(["0123456789+="])
-    torch.manual_seed(0)
-    policy = tiny_llama(cfg.model, tok)
-    return cfg, tok, policy
+    return tiny_preset()
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])

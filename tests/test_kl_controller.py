@@ -9,13 +9,14 @@ import random
 
 import pytest
 import torch
+from tiny import tiny_preset
 
 from rlp_engine.algos.ppo import adaptive_kl_coef, next_kl_coef
 from rlp_engine.config import ConfigError, load_config
 from rlp_engine.engine.checkpoint import CheckpointStore, LoopCheckpoint
 from rlp_engine.engine.generate import sample
 from rlp_engine.engine.metrics import MetricsLogger, Throughput
-from rlp_engine.models import ScalarHeadModel, tiny_llama, train_byte_tokenizer
+from rlp_engine.models import ScalarHeadModel
 from rlp_engine.models.policy import unwrap_lm
 from rlp_engine.recipes.ppo import init_ppo, make_experience, ppo, ppo_step
 from rlp_engine.recipes.scaffold import TrainContext
@@ -157,11 +158,7 @@ def test_config_errors_name_the_file_and_a_zero_start(tmp_path):
 @pytest.fixture(scope="module")
 def tiny():
     # beta 0.0067 (AlpacaFarm's; the default is 0.15 now): the hand-worked values below start there
-    cfg = load_config(preset="tiny", overrides=["ppo.kl_coef=0.0067"])
-    tok = train_byte_tokenizer(["0123456789+="])
-    torch.manual_seed(0)
-    policy = tiny_llama(cfg.model, tok)
-    return cfg, tok, policy
+    return tiny_preset(("ppo.kl_coef=0.0067",))
 
 
 def _state(tiny, **ppo_fields):

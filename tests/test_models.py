@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from tiny import tiny_preset
 
-from rlp_engine.config import ModelConfig, load_config
+from rlp_engine.config import ModelConfig
 from rlp_engine.data.batch import make_batch
 from rlp_engine.engine.generate import response_mask_from_eos, sample
 from rlp_engine.models import (
@@ -12,17 +13,13 @@ from rlp_engine.models import (
     load_policy,
     load_tokenizer,
     response_logprobs,
-    tiny_llama,
-    train_byte_tokenizer,
 )
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = load_config(preset="tiny")
-    tok = train_byte_tokenizer(["0123456789+=abc"])
-    torch.manual_seed(0)
-    return cfg, tok, tiny_llama(cfg.model, tok).eval()
+    cfg, tok, policy = tiny_preset(alphabet="0123456789+=abc")
+    return cfg, tok, policy.eval()
 
 
 def test_hf_model_and_tokenizer_load_from_a_directory(tmp_path, tiny):

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_preset
 
 from rlp_engine.algos.preference import preference_losses, preference_metrics, sequence_logps, split_pairs
 from rlp_engine.config import ConfigError, load_config
 from rlp_engine.data.batch import PairData
 from rlp_engine.data.records import Preference
-from rlp_engine.models import tiny_llama, train_byte_tokenizer
 from rlp_engine.recipes.preference import method_settings, pair_logps, preference_optimize, reference_logps
 from rlp_engine.recipes.scaffold import TrainContext
 
@@ -164,10 +164,8 @@ def test_method_settings_and_config():
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = load_config(preset="tiny")
-    tok = train_byte_tokenizer(["0123456789+="])
-    torch.manual_seed(0)
-    policy = tiny_llama(cfg.model, tok).eval()
+    cfg, tok, policy = tiny_preset()
+    policy.eval()
     # the right sum is preferred over one off by one
     pairs = [Preference(f"{a}+{b}=", str(a + b), str(a + b + 1)) for a in range(4) for b in range(4)]
     return cfg, tok, policy, pairs

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_preset
 
 from rlp_engine.config import ConfigError, load_config
 from rlp_engine.data.batch import SeqBatch
 from rlp_engine.engine.generate import sample
 from rlp_engine.engine.metrics import Throughput
-from rlp_engine.models import ScalarHeadModel, tiny_llama, train_byte_tokenizer
+from rlp_engine.models import ScalarHeadModel
 from rlp_engine.models.policy import response_logprobs
 from rlp_engine.recipes.ppo import init_ppo, make_experience, ppo_losses, ppo_step, train_on_experience
 
@@ -27,10 +28,7 @@ PROMPTS = [f"{a}+{b}=" for a in range(5) for b in range(3)]  # 15: an odd batch
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = load_config(preset="tiny")
-    tok = train_byte_tokenizer(["0123456789+="])
-    torch.manual_seed(0)
-    policy = tiny_llama(cfg.model, tok)
+    cfg, tok, policy = tiny_preset()
     return cfg, tok, policy, ScalarHeadModel.from_causal_lm(policy)
 
 
