@@ -10,10 +10,12 @@ the SFT policy along its training, and the KL estimator the evaluation uses for 
   a collective under torchrun), written by rank 0 to <output_dir>/curve/<stage>/step-NNNNNN/
   (model.safetensors, meta.json), atomically. A resumed stage keeps the ones written before its
   checkpoint and does not write them again.
-- `evaluate_curves` (the eval stage, after every other draw): each snapshot's gold mean and KL to SFT,
+- `evaluate_curves` (the eval stage, after every other draw): each point's gold mean and KL to SFT,
   each +- its prompt-clustered SE, on the first eval.curve_prompts eval prompts x eval.curve_samples
   samples under one fixed seed (common random numbers across points; the global RNG is kept); the
-  curve starts at SFT (fraction 0, KL 0) and ends at the policy's own full evaluation.
+  curve starts at the SFT policy (fraction 0, KL 0) and ends at the trained policy (fraction 1), both
+  measured the same way as the snapshots between them (the report's row keeps the full evaluation's
+  figures, on more prompts and samples).
 """
 
 from __future__ import annotations
@@ -196,26 +198,12 @@ def _snapshot_point(model, sft, tokenizer, prompts: list[str], cfg, gold, seed: 
     )
 
 
-def _row_point(row: dict, step: int, fraction: float) -> dict:
-    """A curve point from a policy's full-evaluation report row."""
-    return _point(
-        step,
-        fraction,
-        row.get("gold"),
-        row.get("gold_se"),
-        row.get("kl_to_sft"),
-        row.get("kl_to_sft_se"),
-        row.get("n_prompts"),
-        row.get("samples_per_prompt"),
-    )
-
-
 def evaluate_curves(run, data, tokenizer, policies: dict, report: dict) -> None:
     """report["policies"][p]["curve"] for every policy p whose stage saved snapshots (module
     docstring): [{"step", "fraction", "gold", "gold_se", "kl_to_sft", "kl_to_sft_se", "n_prompts",
-    "samples_per_prompt"}], from SFT (step 0, KL 0, its full-evaluation gold) through the snapshots to
-    the policy's full evaluation (fraction 1); report["eval"]["curve"]: the settings and seed. Runs
-    after every other draw of the evaluation."""
+    "samples_per_prompt"}], from SFT (step 0, KL 0) through the snapshots to the trained policy
+    (fraction 1), every point on the same prompts, samples and seed; report["eval"]["curve"]: the
+    settings and seed. Runs after every other draw of the evaluation."""
     cfg, e, rows = run.cfg, run.cfg.eval, report["policies"]
     if not e.curve_points or "sft" not in policies:
         return
@@ -228,15 +216,20 @@ def evaluate_curves(run, data, tokenizer, policies: dict, report: dict) -> None:
         "samples": e.curve_samples,
     }
     report["eval"]["curve"]["seed"] = seed
-    start = {**_row_point(rows["sft"], 0, 0.0), "kl_to_sft": 0.0, "kl_to_sft_se": 0.0}
-    for name in policies:
+    start = None  # SFT's point, drawn once (the first policy with snapshots needs it)
+    for name, policy in policies.items():
         snaps = list_snapshots(Path(run.out) / CURVE_DIR / curve_stage(name))
         if name == "sft" or not snaps:
             continue
+        if start is None:
+            start = _snapshot_point(
+                sft, sft, tokenizer, prompts, cfg, data.gold, seed, {"step": 0, "fraction": 0.0}
+            )
         points = [start]
         for meta, path in snaps:
             model = load_snapshot(sft, path)
             points.append(_snapshot_point(model, sft, tokenizer, prompts, cfg, data.gold, seed, meta))
             del model
-        points.append(_row_point(rows[name], snaps[-1][0]["steps"], 1.0))
+        end = {"step": snaps[-1][0]["steps"], "fraction": 1.0}
+        points.append(_snapshot_point(policy, sft, tokenizer, prompts, cfg, data.gold, seed, end))
         rows[name]["curve"] = json_safe(points)
