@@ -71,7 +71,7 @@ def _seconds(stages: dict[str, float]) -> str:
     parts = []
     for prefix, label in STAGE_GROUPS:
         secs = [s for name, s in stages.items() if name == prefix or name.startswith(prefix + "_")]
-        if len(secs) == 1:
+        if len(secs) == 1 or (secs and f"{min(secs):.0f}" == f"{max(secs):.0f}"):  # not "1-1 s"
             parts.append(f"{label} {secs[0]:.0f} s")
         elif secs:
             parts.append(f"{label} {min(secs):.0f}-{max(secs):.0f} s")

@@ -93,3 +93,9 @@ def test_kl_to_sft_column_when_the_report_has_it():
     assert "| PPO | 0.550 ± 0.010 | 0.450 | +0.050 ± 0.020 | 51.0% | 0.25 ± 0.01 |" in block
     # a report without KL (as before the column) renders the five columns
     assert "KL to SFT" not in figures.render(figures.extract(_report(), "abc1234"))
+
+
+def test_stage_seconds_that_round_alike_are_one_figure():
+    assert figures._seconds({"sample": 0.87, "sample_r2": 0.81, "ppo": 6.5, "ppo_uml": 7.9}) == (
+        "each PPO 6-8 s, sampling P 1 s"
+    )
