@@ -9,7 +9,8 @@ full for each of them, so a row reads "what this method costs on top of SFT, D a
 and the rows do not add up to the run's time. Dependencies follow pipeline/stages.py, arena.py and
 ensemble.py: PPO-based RLP needs ppo (P is sampled from its policy) and sample; RLP-SPG round k needs
 round k-1; the PPO-ensemble rows need the K members rm_ens_m<i>; rlp_ens needs the members,
-ppo_ens_mean (its P's sampler), sample_ens and the refined members rm_ens_spg_m<i>.
+ppo_ens_mean (its P's sampler), sample_ens and the refined members rm_ens_spg_m<i>; grpo_spg needs
+RLP-SPG's reward model rm_spg (and with it sample and ppo).
 Training tokens/s: the "training" phase of the policy's own stage (report["stage_throughput"]).
 """
 
@@ -32,7 +33,7 @@ POLICY_STAGE = {
 # panels of the gold-vs-KL figure: (title, test on the policy name); the first match takes a policy
 GROUPS = (
     ("offline (on D)", lambda p: p in ("dpo", "ipo", "simpo")),
-    ("online, critic-free", lambda p: p in ("grpo", "rloo")),
+    ("online, critic-free", lambda p: p in ("grpo", "rloo", "grpo_spg")),
     ("PPO", lambda p: p in ("ppo", "ppo_oracle")),
     ("RM ensembles", lambda p: p.startswith("ppo_ens_") or p == "rlp_ens"),
     ("RLP", lambda p: p.startswith("rlp_")),
@@ -94,6 +95,7 @@ def _needs(stage: str, stages: list[str]) -> list[str]:
         "rm_uml_spg": ["rm_spg", "sample"],
         "sample_ens": ["ppo_ens_mean"],
         "ppo_rlp_ens": [s for s in stages if re.fullmatch(r"rm_ens_spg_m\d+", s)],
+        "grpo_spg": ["rm_spg"],
     }
     if stage.startswith("ppo_ens_"):
         return members

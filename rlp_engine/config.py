@@ -243,7 +243,10 @@ class RunConfig:
     save_checkpoints: bool = True
     tensorboard: bool = True
     progress: bool = True
-    stages: str = "all"  # "all", or a comma list among sft,rm,ppo,uml,spg
+    # "all" (the RLP pipeline), "arena" (it and every arena method), or a comma list among the RLP
+    # stages (sft, rm, ppo, oracle, uml, spg, uml_spg) and the arena's (dpo, ipo, simpo, grpo, rloo,
+    # ens_mean, ens_wco, ens_uwo, rlp_ens, grpo_spg: pipeline/arena.py)
+    stages: str = "all"
     backend: str = "auto"  # ops backend: "auto" (per device), or forced "torch", "cpp", "triton"
     # training layout under torchrun (single process trains plain modules): "fsdp2" (default) or
     # "deepspeed" (ZeRO-3, the optional deepspeed extra)

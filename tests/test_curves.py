@@ -113,7 +113,7 @@ def test_curve_stage_names():
         and curve_stage("ppo_ens_wco") == "ppo_ens_wco"
     )
     assert curve_stage("rlp_uml") == "ppo_uml" and curve_stage("rlp_spg_r2") == "ppo_spg_r2"
-    assert curve_stage("rlp_ens") == "ppo_rlp_ens"
+    assert curve_stage("rlp_ens") == "ppo_rlp_ens" and curve_stage("grpo_spg") == "grpo_spg"
 
 
 def test_run_loop_saves_snapshots_at_the_schedule_and_they_load_back(tmp_path):

@@ -116,7 +116,7 @@ def test_method_figures_are_mean_and_se_over_seeds():
 ARENA = ["sft", "pref", "rm", "ppo", "ppo_oracle", "sample", "rm_uml", "ppo_uml", "rm_spg", "ppo_spg"]
 ARENA += ["rm_uml_spg", "ppo_uml_spg", "sample_r2", "rm_spg_r2", "ppo_spg_r2", "sample_r3", "rm_spg_r3"]
 ARENA += ["ppo_spg_r3", "dpo", "grpo", "rm_ens_m0", "rm_ens_m1", "ppo_ens_mean", "ppo_ens_wco"]
-ARENA += ["sample_ens", "rm_ens_spg_m0", "rm_ens_spg_m1", "ppo_rlp_ens", "eval"]
+ARENA += ["sample_ens", "rm_ens_spg_m0", "rm_ens_spg_m1", "ppo_rlp_ens", "grpo_spg", "eval"]
 
 
 @pytest.mark.parametrize(
@@ -140,6 +140,7 @@ ARENA += ["sample_ens", "rm_ens_spg_m0", "rm_ens_spg_m1", "ppo_rlp_ens", "eval"]
             ["rm_ens_m0", "rm_ens_m1", "ppo_ens_mean", "sample_ens", "rm_ens_spg_m0", "rm_ens_spg_m1"]
             + ["ppo_rlp_ens"],
         ),
+        ("grpo_spg", ["ppo", "sample", "rm_spg", "grpo_spg"]),
         ("simpo", None),  # not in this run
     ],
 )

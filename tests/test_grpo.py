@@ -177,18 +177,33 @@ def test_short_run_raises_the_mean_proxy_score(tiny, estimator):
     assert after > before + 0.5, (before, after)
 
 
+def test_grpo_spg_brings_the_rlp_spg_stages_and_only_them():
+    from rlp_engine.pipeline.stages import stage_names
+
+    cfg = load_config(preset="tiny", overrides=["run.stages=grpo_spg"])
+    assert stage_names(cfg) == {"sft", "rm", "ppo", "spg", "grpo_spg"}
+    assert "grpo_spg" in stage_names(load_config(preset="tiny", overrides=["run.stages=arena"]))
+
+
 def test_tiny_pipeline_runs_both_stages(tmp_path):
     from rlp_engine.pipeline.run import run_pipeline
 
-    overrides = [f"run.output_dir={tmp_path}", "run.stages=grpo,rloo", "run.tensorboard=false"]
+    # grpo_spg (GRPO against RLP-SPG's refined RM) brings the RLP-SPG stages it needs
+    stages = "run.stages=grpo,rloo,grpo_spg"
+    overrides = [f"run.output_dir={tmp_path}", stages, "run.tensorboard=false"]
     cfg = load_config(preset="tiny", overrides=overrides)
     report = run_pipeline(cfg)
-    assert {"sft", "ppo", "grpo", "rloo"} <= set(report["policies"])
+    assert {"sft", "ppo", "grpo", "rloo", "rlp_spg", "grpo_spg"} <= set(report["policies"])
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert list(saved["stage_seconds"])[-3:] == ["grpo", "rloo", "eval"]
-    for name in ("grpo", "rloo"):
+    assert list(saved["stage_seconds"])[-4:] == ["grpo", "rloo", "grpo_spg", "eval"]
+    assert {"sample", "rm_spg", "ppo_spg"} <= set(saved["stage_seconds"])
+    for name in ("grpo", "rloo", "grpo_spg"):
         assert saved["policies"][name]["proxy_reward"] is not None
         assert (tmp_path / "checkpoints" / name).is_dir()
+    # each policy's proxy reward is under the reward model it was trained against
+    rows = saved["policies"]
+    assert rows["grpo_spg"]["proxy_reward"] == rows["grpo_spg"]["proxy_reward_by_rm"]["rm_spg"]
+    assert rows["grpo"]["proxy_reward"] == rows["grpo"]["proxy_reward_by_rm"]["rm"]
 
 
 @pytest.mark.slow  # three `rlp-engine train` subprocesses (~60 s on the shared 2-core machine)

@@ -51,10 +51,12 @@ def _offline_stage(method: str) -> Callable:
 METHODS.update({m: _offline_stage(m) for m in ("dpo", "ipo", "simpo")})
 
 
-def _online_stage(estimator: str) -> Callable:
-    """The stage `estimator` ("grpo", "rloo"): recipes.grpo from the SFT `policy` against the proxy
-    reward model rms["rm"] on data.prompts (PPO's prompts), cfg.grpo; its policy is reported under
-    the stage's name (a finished stage: a copy of `policy` holding its saved actor)."""
+def _online_stage(estimator: str, name: str | None = None, rm: str = "rm") -> Callable:
+    """The stage `name` (default: `estimator`, "grpo" or "rloo"): recipes.grpo from the SFT `policy`
+    against the reward model rms[rm] (the proxy RM; "rm_spg": RLP-SPG's refined one) on
+    data.prompts (PPO's prompts), cfg.grpo; its policy is reported under the stage's name (a finished
+    stage: a copy of `policy` holding its saved actor)."""
+    name = name or estimator
 
     def stage(run: Run, data, tokenizer, policy, rms: dict, info: dict) -> dict:
         def train(st):
@@ -63,7 +65,7 @@ def _online_stage(estimator: str) -> Callable:
             torch.manual_seed(cfg.run.seed + rank_and_world()[0])
             return grpo(
                 policy,
-                rms["rm"],
+                rms[rm],
                 tokenizer,
                 data.prompts,
                 cfg.grpo,
@@ -75,8 +77,8 @@ def _online_stage(estimator: str) -> Callable:
                 model_path=cfg.model.path,
             )
 
-        actor = policy_stage(run, estimator, policy, tokenizer, train)
-        return {estimator: actor.eval()}
+        actor = policy_stage(run, name, policy, tokenizer, train)
+        return {name: actor.eval()}
 
     return stage
 
@@ -84,6 +86,11 @@ def _online_stage(estimator: str) -> Callable:
 METHODS.update({m: _online_stage(m) for m in ("grpo", "rloo")})
 # PPO against reward-model ensembles (mean, WCO, UWO) and RLP-SPG on every member (pipeline/ensemble.py)
 METHODS.update(ENSEMBLE_METHODS)
+# RLP composed with a critic-free method: GRPO against RLP-SPG's refined reward model (last, so that
+# adding it moved no other stage's RNG draws)
+METHODS["grpo_spg"] = _online_stage("grpo", "grpo_spg", rm="rm_spg")
+# the RLP pipeline's stages (pipeline/stages.py STAGES) an arena method needs: run.stages adds them
+REQUIRES: dict[str, set[str]] = {"grpo_spg": {"spg"}}
 
 
 def arena_stage_names() -> tuple[str, ...]:

@@ -448,11 +448,13 @@ def evaluate_policies(
 def proxy_of(policy: str) -> str:
     """The reward model `policy` was optimised against: "rm" for SFT, PPO and the oracle (its critic's
     RM), "rm_<variant>" for "rlp_<variant>" (rlp_uml -> rm_uml, rlp_spg_r2 -> rm_spg_r2); the
-    ensembles' scorers for theirs (ppo_ens_wco -> rm_ens_wco, rlp_ens -> rm_rlp_ens)."""
+    ensembles' scorers for theirs (ppo_ens_wco -> rm_ens_wco, rlp_ens -> rm_rlp_ens); grpo_spg: rm_spg."""
     if policy.startswith("ppo_ens_"):
         return "rm_ens_" + policy[len("ppo_ens_") :]
     if policy == "rlp_ens":
         return "rm_rlp_ens"
+    if policy == "grpo_spg":
+        return "rm_spg"
     return "rm_" + policy[len("rlp_") :] if policy.startswith("rlp_") else "rm"
 
 

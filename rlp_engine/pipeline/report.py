@@ -22,6 +22,7 @@ POLICY_NAMES = {
     "ppo_ens_wco": "PPO (RM ensemble: WCO)",
     "ppo_ens_uwo": "PPO (RM ensemble: UWO)",
     "rlp_ens": "RLP-SPG ensemble + PPO (mean)",
+    "grpo_spg": "GRPO (RLP-SPG reward model)",
 }
 RM_NAMES = {
     "rm": "RM (D only)",

@@ -12,7 +12,7 @@ from rlp_engine.data.build import TaskData
 from rlp_engine.data.task import annotate, label_pairs
 from rlp_engine.engine.generate import sample
 from rlp_engine.models.heads import ScalarHeadModel
-from rlp_engine.pipeline.arena import arena_stage_names, run_arena
+from rlp_engine.pipeline.arena import REQUIRES, arena_stage_names, run_arena
 from rlp_engine.pipeline.blocks import ppo_stage, reward_model, sample_stage, spg_stage
 from rlp_engine.recipes.reward import train_reward_model
 from rlp_engine.recipes.rlp import rlp_uml
@@ -27,7 +27,8 @@ STAGES = ("sft", "rm", "ppo", "oracle", "uml", "spg", "uml_spg")
 
 def stage_names(cfg: TrainConfig) -> set[str]:
     """The stages run.stages selects: "all" (the RLP pipeline), "arena" (it and every arena method,
-    pipeline/arena.py) or a comma-separated list of names (sft, rm and ppo always run)."""
+    pipeline/arena.py) or a comma-separated list of names (sft, rm and ppo always run, and the RLP
+    stages an arena method needs: arena.REQUIRES)."""
     known = STAGES + arena_stage_names()
     if cfg.run.stages == "all":
         return set(STAGES)
@@ -39,7 +40,8 @@ def stage_names(cfg: TrainConfig) -> set[str]:
         raise ConfigError(
             f"run.stages: unknown stages {sorted(unknown)}; expected all, arena or a subset of {known}"
         )
-    return chosen | {"sft", "rm", "ppo"}  # RLP refines the reward model of a PPO run
+    needed = set().union(*(REQUIRES.get(s, set()) for s in chosen))  # e.g. grpo_spg: RLP-SPG's RM
+    return chosen | needed | {"sft", "rm", "ppo"}  # RLP refines the reward model of a PPO run
 
 
 def _sample_pairs(run, policy, tokenizer, prompts: list[str], n: int) -> list[list[str]]:
