@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 from rlp_engine import __version__
 from rlp_engine.config import ConfigError, dump_yaml, load_config
+from rlp_engine.config_values import PRESETS
 
 if TYPE_CHECKING:  # the checkpoint module imports torch: not at the CLI's startup
     from rlp_engine.engine.checkpoint import Hook
@@ -74,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(sp):
         sp.add_argument("--config", help="YAML config file (sections: model, data, sft, rm, ppo, ...)")
-        sp.add_argument("--preset", help="base preset: default or tiny (a file's `preset:` key wins)")
+        sp.add_argument("--preset", help=f"base preset: {', '.join(PRESETS)} (a file's `preset:` key wins)")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.kl_coef=0.01")
 
     t = sub.add_parser("train", help="run SFT -> RM -> PPO -> RLP-UML/SPG -> PPO and write a report")
