@@ -9,6 +9,7 @@ import pytest
 
 from rlp_engine.config import load_config
 from rlp_engine.engine.checkpoint import CheckpointStore
+from rlp_engine.engine.metrics import Throughput
 from rlp_engine.pipeline.run import Run, stage_throughput_summary
 
 
@@ -89,3 +90,18 @@ def test_a_checkpoint_written_before_stage_throughput_existed_gives_empty_figure
     assert again.stage_throughput["a"] == {"tokens": {}, "seconds": {}}
     assert stage_throughput_summary(again, sorted(again.throughput.seconds)) == {"a": {}}
     again.logger.close()
+
+
+def test_throughput_counts_since_and_from_counts():
+    tp = Throughput()
+    with tp.phase("generation") as rec:
+        rec["tokens"] = 7
+    start = tp.counts()
+    assert start["tokens"] == {"generation": 7} and set(start["seconds"]) == {"generation"}
+    with tp.phase("training") as rec:
+        rec["tokens"] = 5
+    gained = tp.since(start)
+    # generation did not run since `start`: left out; training's tokens and seconds are all new
+    assert gained["tokens"] == {"training": 5} and gained["seconds"]["training"] == tp.seconds["training"]
+    again = Throughput.from_counts(gained, ["generation", "training"])
+    assert again.tokens == {"generation": 0.0, "training": 5} and again.seconds["generation"] == 0.0

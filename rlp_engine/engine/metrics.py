@@ -181,6 +181,30 @@ class Throughput:
             self.seconds[name] += time.perf_counter() - start
             self.tokens[name] += rec["tokens"]
 
+    def counts(self) -> dict:
+        """A JSON-able copy of the counters (for checkpoints): {"tokens": {phase: n}, "seconds": {...}}."""
+        return {"tokens": dict(self.tokens), "seconds": dict(self.seconds)}
+
+    def since(self, start: dict) -> dict:
+        """What each phase gained since `start` (a `counts()` copy), as counts; phases that did not
+        run since are left out."""
+        out = Throughput().counts()
+        for phase, secs in self.seconds.items():
+            gained = secs - start["seconds"].get(phase, 0.0)
+            if gained > 0:
+                out["seconds"][phase] = gained
+                out["tokens"][phase] = self.tokens[phase] - start["tokens"].get(phase, 0.0)
+        return out
+
+    @classmethod
+    def from_counts(cls, counts: dict, phases: list[str]) -> Throughput:
+        """A Throughput holding `counts` for each of `phases` (0 where counts lack one)."""
+        tp = cls()
+        for phase in phases:
+            tp.tokens[phase] = counts["tokens"].get(phase, 0.0)
+            tp.seconds[phase] = counts["seconds"].get(phase, 0.0)
+        return tp
+
     def across_ranks(self) -> Throughput:
         """The whole job's figures under torchrun (tokens summed over ranks, seconds the slowest
         rank's); every rank must call it, with the same phases. Itself single-process."""

@@ -101,7 +101,7 @@ class Run:
             getattr(self.throughput, kind).update(meta.get("throughput", {}).get(kind, {}))
         self.stage_seconds: dict[str, float] = {}
         # stage -> {"tokens": {phase: n}, "seconds": {phase: s}}: this rank's share of self.throughput
-        # that the stage added (the report's stage_throughput, stage_throughput_summary)
+        # that the stage added, as Throughput.counts() (the report's stage_throughput_summary)
         self.stage_throughput: dict[str, dict] = {}
         self.device = torch.device(cfg.run.device) if device is None else device
         self.gold = None  # the task's gold reward, logged on PPO rollouts (never trained on)
@@ -145,7 +145,7 @@ class Run:
             yield Stage(self, name, True, None)
             self.stage_seconds[name] = self.finished[name]["seconds"]
             # a run resumed from a checkpoint written before stage throughput was kept: none
-            self.stage_throughput[name] = self.finished[name].get("throughput", _no_phases())
+            self.stage_throughput[name] = self.finished[name].get("throughput", Throughput().counts())
             path, meta = self.resume
             if meta.get("stage") is None and list(self.finished)[-1] == name:
                 self.store.restore(path)  # the RNG state the uninterrupted run had at this point
@@ -162,9 +162,8 @@ class Run:
             self.hook("stage_start", name, inside[1]["loop"]["step"] if inside else 0)
         before = inside[1]["stage_elapsed"] if inside else 0.0
         # the aggregate throughput when the stage began (resumed inside it: as its checkpoint saved it)
-        counts_at_start = (inside[1].get("stage_throughput_start") if inside else None) or _phases(
-            self.throughput
-        )
+        start_counts = inside[1].get("stage_throughput_start") if inside else None
+        counts_at_start = start_counts or self.throughput.counts()
         ckpt = LoopCheckpoint(
             self.store,
             name,
@@ -180,7 +179,7 @@ class Run:
         handle = Stage(self, name, False, ckpt if checkpoint else None)
         yield handle
         self.stage_seconds[name] = round(before + time.perf_counter() - start, 2)
-        self.stage_throughput[name] = _phase_delta(_phases(self.throughput), counts_at_start)
+        self.stage_throughput[name] = self.throughput.since(counts_at_start)
         if checkpoint:
             self.finished[name] = {
                 "results": handle.results,
@@ -236,26 +235,6 @@ class Run:
         publish(tmp, path)
 
 
-def _no_phases() -> dict:
-    return {"tokens": {}, "seconds": {}}
-
-
-def _phases(tp: Throughput) -> dict:
-    """A copy of a Throughput's counters: {"tokens": {phase: n}, "seconds": {phase: s}}."""
-    return {"tokens": dict(tp.tokens), "seconds": dict(tp.seconds)}
-
-
-def _phase_delta(now: dict, start: dict) -> dict:
-    """What the phases gained between two `_phases` copies; phases that did not run are left out."""
-    out = _no_phases()
-    for phase, secs in now["seconds"].items():
-        gained = secs - start["seconds"].get(phase, 0.0)
-        if gained > 0:
-            out["seconds"][phase] = gained
-            out["tokens"][phase] = now["tokens"].get(phase, 0.0) - start["tokens"].get(phase, 0.0)
-    return out
-
-
 def stage_throughput_summary(run: Run, phases: list[str]) -> dict[str, dict]:
     """report["stage_throughput"]: per stage, what Throughput.summary() gives for the whole run
     (tokens, seconds, tokens_per_s per phase), for the phases the stage ran. Under torchrun every rank
@@ -263,11 +242,7 @@ def stage_throughput_summary(run: Run, phases: list[str]) -> dict[str, dict]:
     summed over ranks, seconds the slowest rank's, as the aggregate)."""
     out = {}
     for name, counts in run.stage_throughput.items():
-        tp = Throughput()
-        for phase in phases:
-            tp.tokens[phase] = counts["tokens"].get(phase, 0.0)
-            tp.seconds[phase] = counts["seconds"].get(phase, 0.0)
-        summary = tp.across_ranks().summary()
+        summary = Throughput.from_counts(counts, phases).across_ranks().summary()
         out[name] = {p: v for p, v in summary.items() if v["seconds"] > 0 or v["tokens"] > 0}
     return out
 
