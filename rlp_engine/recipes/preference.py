@@ -19,13 +19,12 @@ from rlp_engine.algos.preference import (
     sequence_logps,
     split_pairs,
 )
-from rlp_engine.algos.sft import warmup_cosine
 from rlp_engine.data.batch import PairData
 from rlp_engine.data.records import Preference
 from rlp_engine.engine.distributed import shard
-from rlp_engine.engine.layout import frozen, train_handle
+from rlp_engine.engine.layout import frozen
 from rlp_engine.models.policy import response_logprobs
-from rlp_engine.recipes.scaffold import TrainContext, run_loop
+from rlp_engine.recipes.scaffold import TrainContext, run_loop, warmup_cosine_handle
 
 
 def method_settings(method: str, cfg) -> dict:
@@ -85,20 +84,8 @@ def preference_optimize(
         ref = reference_logps(ref_model, data, cfg.batch_size, device)
         del ref_model
     model = copy.deepcopy(policy).train()
-    handle = train_handle(
-        {"policy": model},
-        lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
-        max_grad_norm=cfg.max_grad_norm,
-        backend=ctx.train_backend,
-        copy=True,
-        stage=ctx.stage,
-    )
+    handle, sched, gen = warmup_cosine_handle(model, cfg, ctx)
     train = handle.parts["policy"]
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        handle.optimizer, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup_steps)
-    )
-    gen = torch.Generator().manual_seed(ctx.seed)
-    handle.train()
 
     def step_fn(step, guard):
         idx = shard(torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=gen))

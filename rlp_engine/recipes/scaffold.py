@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from rlp_engine.algos.sft import warmup_cosine
 from rlp_engine.engine.checkpoint import LoopCheckpoint
 from rlp_engine.engine.guards import NonFiniteGuard
-from rlp_engine.engine.layout import TrainHandle
+from rlp_engine.engine.layout import TrainHandle, train_handle
 from rlp_engine.engine.metrics import MetricsLogger, Throughput, progress, to_float
 
 
@@ -53,6 +54,28 @@ class Optim:
     lr: float
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+
+
+def warmup_cosine_handle(model, cfg, ctx: TrainContext):
+    """SFT's optimisation, shared by the offline preference losses: (handle, scheduler, generator) =
+    a TrainHandle over `model` as its part "policy" (train_handle: under torchrun a sharded copy),
+    AdamW(cfg.lr, cfg.weight_decay) clipped at cfg.max_grad_norm, the warmup-cosine LR schedule
+    over cfg.steps (cfg.warmup_steps), and the batch-order generator seeded with ctx.seed; the handle
+    in train mode."""
+    handle = train_handle(
+        {"policy": model},
+        lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+        max_grad_norm=cfg.max_grad_norm,
+        backend=ctx.train_backend,
+        copy=True,
+        stage=ctx.stage,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        handle.optimizer, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup_steps)
+    )
+    gen = torch.Generator().manual_seed(ctx.seed)
+    handle.train()
+    return handle, sched, gen
 
 
 def curve_steps(steps: int, points: int) -> list[int]:

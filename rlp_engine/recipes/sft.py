@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from rlp_engine.algos.sft import sft_loss, warmup_cosine
+from rlp_engine.algos.sft import sft_loss
 from rlp_engine.data.batch import Encoded
 from rlp_engine.data.records import Example
 from rlp_engine.engine.distributed import shard
-from rlp_engine.engine.layout import train_handle
-from rlp_engine.recipes.scaffold import TrainContext, run_loop
+from rlp_engine.recipes.scaffold import TrainContext, run_loop, warmup_cosine_handle
 
 
 def sft(model, tokenizer, examples: list[Example], cfg, data_cfg, ctx: TrainContext | None = None) -> dict:
@@ -26,20 +25,8 @@ def sft(model, tokenizer, examples: list[Example], cfg, data_cfg, ctx: TrainCont
     device = next(model.parameters()).device
     # under torchrun a sharded copy of rank 0's `model` (FSDP2) or a ZeRO-3 engine over one;
     # single-process `model` itself
-    handle = train_handle(
-        {"policy": model},
-        lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
-        max_grad_norm=cfg.max_grad_norm,
-        backend=ctx.train_backend,
-        copy=True,
-        stage=ctx.stage,
-    )
+    handle, sched, gen = warmup_cosine_handle(model, cfg, ctx)
     policy = handle.parts["policy"]
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        handle.optimizer, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup_steps)
-    )
-    gen = torch.Generator().manual_seed(ctx.seed)
-    handle.train()
 
     def step_fn(step, guard):
         idx = torch.randint(len(enc), (cfg.batch_size,), generator=gen)
